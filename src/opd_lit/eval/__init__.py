@@ -1,0 +1,1 @@
+"""Evaluation: graders and the in-training evaluation callback."""

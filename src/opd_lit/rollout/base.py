@@ -1,0 +1,38 @@
+"""The rollout engine contract shared by ``hf`` and ``vllm``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k truncation (the on-policy distribution)
+    greedy: bool = False
+
+
+@dataclass
+class Generation:
+    """Sampled responses, one row per (prompt, sample), prompts in order, samples adjacent."""
+
+    response_ids: list[list[int]]  # sampled tokens incl. the end-of-turn token when emitted
+    # Optional: engines that compute them while sampling (vLLM) fill these; otherwise the
+    # DataModule scores the responses with the student (one no-grad forward).
+    logprobs: list[list[float]] | None = None
+    topk_ids: list[list[list[int]]] | None = None
+
+
+class RolloutEngine(Protocol):
+    name: str
+
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> Generation:
+        """Sample ``n`` responses for each tokenised prompt."""
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Load the student's current weights into the engine (after an optimizer step)."""
