@@ -104,6 +104,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         module.student.save_pretrained(target)
         datamodule.student_tokenizer.save_pretrained(target)
         summary["final_model"] = str(target)
+        if logger is not None and hasattr(logger, "run_id"):
+            logger.experiment.set_tag(logger.run_id, "final_model_dir", str(target.resolve()))
     if logger is not None:
         logger.log_metrics({"time/wall_s": summary["wall_s"]}, step=trainer.global_step)
     print_summary(summary)

@@ -135,6 +135,7 @@ class DistillModule(L.LightningModule):
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         self.student.config.use_cache = False
+        self.student.train()
         self.skipped_steps = 0
         self._skipped_in_a_row = 0
 
@@ -165,6 +166,7 @@ class DistillModule(L.LightningModule):
 
             if advantage is None:
                 advantage = self.opd_advantage(batch)
+            t0 = time.perf_counter()
             batch.extras["release"] = release_weights_batch(
                 advantage,
                 batch.response_mask,
@@ -172,6 +174,7 @@ class DistillModule(L.LightningModule):
                 batch.segment_ids,
                 signal=self.release_spec.signal,
             )
+            batch.timings["release_s"] = time.perf_counter() - t0
         return batch.extras["release"]
 
     # ---- optimisation ------------------------------------------------------------------
@@ -305,18 +308,19 @@ class DistillModule(L.LightningModule):
         if acc is not None:
             m["rollout/accuracy"] = acc
         if self.needs.segments and batch.teacher_topk_logprobs is not None:
-            t_rel = time.perf_counter()
             rel = self.release_decision(batch)
-            m["time/release_s"] = time.perf_counter() - t_rel
+            m["time/release_s"] = t.get("release_s", 0.0)
             nonempty = lengths > 0
+            released_at = torch.minimum(rel.release_token.to(lengths.dtype), lengths)
             if nonempty.any():
                 m.update({
                     "release/accepted_frac": float(rel.accepted[nonempty].float().mean()),
                     "release/release_segment_mean": float(rel.release_segment[nonempty].float().mean()),
                     "release/num_segments_mean": float(rel.num_segments[nonempty].float().mean()),
                     "release/bic_gain_mean": float(rel.bic_gain[nonempty].float().mean()),
-                    "release/release_token_frac": float(
-                        (rel.release_token[nonempty].float() / lengths[nonempty].clamp(min=1)).mean()
+                    # relative position of the release point (1.0 = nothing released)
+                    "release/release_pos_frac": float(
+                        (released_at[nonempty] / lengths[nonempty].clamp(min=1)).mean()
                     ),
                 })
         m.update(sup.stats)
