@@ -41,7 +41,10 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
         "seed": str(cfg.seed),
         "student": str(cfg.student.get("name", cfg.student.path)),
         "teacher": str(cfg.teacher.get("name", cfg.teacher.path)),
+        "label": str(cfg.get("label") or cfg.method.name),
     }
+    if cfg.get("sweep"):
+        tags["sweep"] = tags["table"] = str(cfg.sweep)
     for key, value in (cfg.logger.get("tags") or {}).items():
         tags[str(key)] = str(value)
     return tags

@@ -82,6 +82,8 @@ def build(cfg: DictConfig, out: Path):
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration; returns a summary (also what the multirun sweeper sees)."""
+    if cfg.get("dry_run"):
+        return dry_run(cfg)
     out = output_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t0 = time.perf_counter()
@@ -110,6 +112,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_metrics({"time/wall_s": summary["wall_s"]}, step=trainer.global_step)
     print_summary(summary)
     return summary
+
+
+def dry_run(cfg: DictConfig) -> dict[str, Any]:
+    """Compose and check one job without loading a model; print one line."""
+    from hydra.utils import get_class
+
+    from opd_lit.sweep import describe_job
+
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    get_class(cfg.method._target_)  # the method class imports
+    line = describe_job(cfg)
+    print(line, flush=True)
+    return {"dry_run": True, "job": line}
 
 
 def print_summary(summary: dict[str, Any]) -> None:

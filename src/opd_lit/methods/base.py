@@ -24,14 +24,29 @@ from opd_lit.scoring import score_tokens
 
 
 @dataclass(frozen=True)
+class Lookahead:
+    """LGR's request to the TeacherCallback: branch the student's top-``k`` candidates at
+    every response position whose student entropy exceeds ``tau``, in ``segments`` forwards."""
+
+    k: int = 8
+    tau: float = 0.2
+    segments: int = 8
+
+
+@dataclass(frozen=True)
 class Needs:
-    """What a method asks of the rollout DataModule and the TeacherCallback."""
+    """What a method asks of the rollout DataModule and the TeacherCallback.
+
+    ``topk`` is the number of student candidate ids the DataModule records (sorted, most
+    likely first) and the teacher scores; it is the largest K any consumer uses, and each
+    consumer (the release rule, LGR) slices its own ``[..., :k]``.
+    """
 
     topk: int = 0  # student top-K candidate ids per position, scored by the teacher
     segments: bool = False  # sentence segment ids of each response
     reference: str | None = None  # "student_init" or a model path (ExOPD)
     entropy: bool = False  # the student's entropy at each position
-    lookahead: bool = False  # LGR lookahead branches
+    lookahead: Lookahead | None = None  # LGR lookahead branches (None: no lookahead)
 
 
 @dataclass
@@ -39,6 +54,10 @@ class Supervision:
     advantage: torch.Tensor  # [B, T]
     weight: torch.Tensor  # [B, T]
     stats: dict[str, float] = field(default_factory=dict)
+    # Optional extra term over candidate tokens (LGR variant=topk): the loss adds
+    # -Σ_t w_t Σ_k softmax_k(log π_θ(c_k)) · candidate_reward_k / Σ_t mask_t.
+    candidate_ids: torch.Tensor | None = None  # [B, T, K]
+    candidate_reward: torch.Tensor | None = None  # [B, T, K]
 
 
 @dataclass
@@ -108,6 +127,7 @@ class DistillModule(L.LightningModule):
         loss: dict[str, Any] | None = None,
         release: dict[str, Any] | None = None,
         name: str | None = None,
+        label: str | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -167,10 +187,13 @@ class DistillModule(L.LightningModule):
             if advantage is None:
                 advantage = self.opd_advantage(batch)
             t0 = time.perf_counter()
+            topk = batch.teacher_topk_logprobs
+            if topk is not None:
+                topk = topk[..., : self.release_spec.top_k]  # needs.topk may be larger (LGR)
             batch.extras["release"] = release_weights_batch(
                 advantage,
                 batch.response_mask,
-                batch.teacher_topk_logprobs,
+                topk,
                 batch.segment_ids,
                 signal=self.release_spec.signal,
             )
@@ -226,13 +249,21 @@ class DistillModule(L.LightningModule):
         for rows, first, width in self._micro_batches(batch):
             ids = torch.cat([batch.prompt_ids[rows, first:], batch.response_ids[rows, :width]], 1)
             am = torch.cat([batch.prompt_mask[rows, first:], mask[rows, :width].long()], 1)
+            cand = None if sup.candidate_ids is None else sup.candidate_ids[rows, :width]
             scores = score_tokens(
                 self.student, ids, am, batch.response_ids[rows, :width], mask[rows, :width],
-                chunk_size=self.loss_spec.chunk_size,
+                gather_ids=cand, chunk_size=self.loss_spec.chunk_size,
             )
             loss = policy_gradient_loss(
                 scores.logprobs, advantage[rows, :width], weight[rows, :width], num_tokens
             )
+            if cand is not None:
+                from opd_lit.lookahead import expected_group_reward_loss
+
+                loss = loss + expected_group_reward_loss(
+                    scores.topk_logprobs, sup.candidate_reward[rows, :width],
+                    weight[rows, :width], num_tokens,
+                )
             self.manual_backward(loss)
             total = total + loss.detach()
 
