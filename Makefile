@@ -37,7 +37,7 @@ bench:  ## speed and memory figures as one JSON object
 lint:
 	$(BIN)/ruff check src tests
 
-toy:  ## rebuild the shipped toy teacher/student (about 10 minutes on 2 cores)
+toy:  ## rebuild the shipped toy teacher/student (about 20 minutes on 2 cores)
 	$(PY) -m opd_lit.toy.build --ship
 
 clean:

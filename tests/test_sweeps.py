@@ -38,8 +38,8 @@ def test_sweep_dry_run_composes_every_job(tmp_path, name):
 
 def test_table1_jobs_carry_the_paper_setting(tmp_path):
     proc = run_module(
-        "opd_lit.train", "-m", "--config-dir", str(REPO / "sweeps"), "--config-name", "table1",
-        "dry_run=true", f"hydra.sweep.dir={tmp_path}", "--cfg", "job", cwd=tmp_path,
+        "opd_lit.train", "--config-dir", str(REPO / "sweeps"), "--config-name", "table1",
+        "method=opd", "seed=0", "--cfg", "job", cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout

@@ -17,6 +17,17 @@ from opd_lit.toy.tokenizer import DEFAULT_SYSTEM_PROMPT, IM_END, IM_START, PAD_T
 
 P = T.DEFAULT_TASK
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on shared cores: one thread avoids OpenMP stalls (seen: 300 s vs 3 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # ----------------------------------------------------------------------------- task
 
 _Q = re.compile(r"^Start with (\d+)\. (.+)\. What is the result\?$")
@@ -186,7 +197,7 @@ def test_shipped_assets_verify_and_load():
     assert total < 8 * 2**20
     models, toks = {}, {}
     for role in ROLES:
-        d = toy_model_dir(role)
+        d = toy_model_dir(role, build=False)  # never a real (minutes-long) build in tests
         assert d == ASSETS_DIR / role
         models[role] = AutoModelForCausalLM.from_pretrained(str(d))
         toks[role] = AutoTokenizer.from_pretrained(str(d))
@@ -208,7 +219,7 @@ def test_shipped_teacher_solves_problems():
 
     from opd_lit.toy.build import greedy_accuracy, greedy_generate
 
-    d = toy_model_dir("teacher")
+    d = toy_model_dir("teacher", build=False)
     model = AutoModelForCausalLM.from_pretrained(str(d))
     tok = AutoTokenizer.from_pretrained(str(d))
     probs = toy_eval_problems(16)

@@ -13,7 +13,9 @@ STEP_METRICS = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["opd", "release_bic"])
+@pytest.mark.parametrize(
+    "method", ["opd", "release_bic", "exopd", "fixed_prefix", "release_random", "lgr"]
+)
 def test_method_runs_on_the_toy_and_logs_every_metric(tmp_path, method):
     cfg = compose_cfg(tmp_path, f"method={method}", "seed=3")
     summary = run(cfg)
@@ -43,7 +45,7 @@ def test_multirun_leaves_one_mlflow_run_per_job(tmp_path):
     db = tmp_path / "mlflow.db"
     proc = run_module(
         "opd_lit.train", "-m", "method=opd,release_bic", *FAST, "trainer.max_steps=1",
-        "eval.at_start=false", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        "eval.at_start=false", "eval.at_end=false", f"hydra.sweep.dir={tmp_path / 'multirun'}",
         cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,10 @@ conversation. Before each training step it fills the batch with
 - ``teacher_logprobs [B, T]``: log p_T of each sampled token, the teacher seeing the prompt in
   its own chat template followed by the student's response tokens;
 - ``teacher_topk_logprobs [B, T, K]``: teacher log-probs at the student's top-K ids;
-- ``ref_logprobs [B, T]`` when the method asks for a reference model (ExOPD).
+- ``ref_logprobs [B, T]`` when the method asks for a reference model (ExOPD);
+- ``extras["lookahead"]`` (:class:`~opd_lit.lookahead.LookaheadResult`) when the method asks
+  for LGR's lookahead: the KV cache of the same teacher prefill is kept and every triggered
+  position's K candidates are scored with a tree attention mask (:mod:`opd_lit.lookahead`).
 
 All of it goes through :func:`opd_lit.scoring.score_tokens` (chunked; no ``[B, T, V]`` logits).
 """
@@ -21,6 +24,13 @@ from typing import Any
 import lightning as L
 import torch
 
+from opd_lit.lookahead import (
+    LookaheadResult,
+    PrefillCapture,
+    check_attention,
+    entropy_trigger,
+    lookahead_max_prob,
+)
 from opd_lit.models import (
     check_same_vocabulary,
     freeze,
@@ -75,6 +85,8 @@ class TeacherCallback(L.Callback):
                 key="teacher.path",
             )
         )
+        if pl_module.needs.lookahead:
+            check_attention(self.teacher)  # before any rollout
         ref = pl_module.needs.reference
         if ref:
             # "student_init" reloads the initial student from its path (not a copy of the
@@ -105,20 +117,39 @@ class TeacherCallback(L.Callback):
     @torch.no_grad()
     def score_batch(self, batch, needs) -> None:
         gather = batch.student_topk_ids if needs.topk else None
-        logps, topks, refs = [], [], []
+        look = needs.lookahead
+        if look and batch.student_entropy is None:
+            raise RuntimeError("the lookahead needs the student's entropy (set needs.entropy)")
+        logps, topks, refs, triggers, r_raws = [], [], [], [], []
+        calls = 0
+        t_ids, t_mask = batch.teacher_inputs()
+        if self.reference is not None:
+            s_ids, s_mask = batch.student_inputs()
         for start in range(0, batch.batch_size, self.micro_batch_size):
             rows = slice(start, start + self.micro_batch_size)
             resp_ids, resp_mask = batch.response_ids[rows], batch.response_mask[rows]
-            t_ids, t_mask = batch.teacher_inputs()
+            # with a lookahead, keep the KV cache of this (single) teacher prefill
+            model = PrefillCapture(self.teacher) if look else self.teacher
             s = score_tokens(
-                self.teacher, t_ids[rows], t_mask[rows], resp_ids, resp_mask,
+                model, t_ids[rows], t_mask[rows], resp_ids, resp_mask,
                 gather_ids=None if gather is None else gather[rows], chunk_size=self.chunk_size,
             )
+            calls += 1
             logps.append(s.logprobs)
             if gather is not None:
                 topks.append(s.topk_logprobs)
+            if look:
+                trig = entropy_trigger(batch.student_entropy[rows], resp_mask, look.tau)
+                r_raw, n = lookahead_max_prob(
+                    self.teacher, model.cache, t_mask[rows], trig,
+                    batch.student_topk_ids[rows, :, : look.k],
+                    segments=look.segments, chunk_size=self.chunk_size,
+                )
+                del model  # frees the KV cache
+                calls += n
+                triggers.append(trig)
+                r_raws.append(r_raw)
             if self.reference is not None:
-                s_ids, s_mask = batch.student_inputs()
                 r = score_tokens(
                     self.reference, s_ids[rows], s_mask[rows], resp_ids, resp_mask,
                     chunk_size=self.chunk_size,
@@ -129,3 +160,9 @@ class TeacherCallback(L.Callback):
             batch.teacher_topk_logprobs = torch.cat(topks)
         if refs:
             batch.ref_logprobs = torch.cat(refs)
+        if look:
+            trigger = torch.cat(triggers)
+            batch.extras["lookahead"] = LookaheadResult(
+                trigger=trigger, r_raw=torch.cat(r_raws), teacher_calls=calls,
+                branch_tokens=int(trigger.sum()) * look.k,
+            )

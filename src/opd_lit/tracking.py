@@ -2,26 +2,106 @@
 
 The one place that knows how runs are written; :mod:`opd_lit.report` and the diagnostics read
 them back through :func:`tracking_uri`.
+
+Failure handling:
+
+- :func:`check_tracking_reachable` runs before any model loads: an MLflow server that does not
+  answer (or a SQLite/file store whose directory does not exist) is a clear error naming the URI.
+- :class:`BufferedMLFlowLogger`: when sending metrics fails mid-run, they are kept in memory
+  with a warning (no crash), re-sent with their original timestamps once the store answers
+  again (tried at most every ``retry_interval_s``), and written to a CSV file in the run
+  directory at the end if it never does. The run's final status is set only when
+  :func:`opd_lit.train.run` has finished everything (``close``), so FINISHED means complete.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import re
+import socket
+import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+from urllib.parse import urlparse
 
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 LOGGER_KINDS = ("mlflow", "csv")
+FALLBACK_CSV = "mlflow_unsent_metrics.csv"
+
+
+class TrackingUnreachableError(ConnectionError):
+    """The configured MLflow tracking store cannot be reached."""
 
 
 def tracking_uri(configured: str | None = None) -> str:
     """``logger.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_tracking_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Raise :class:`TrackingUnreachableError` (naming ``uri``) unless the store can be used.
+
+    ``http(s)://``: a TCP connection to the server within ``timeout`` seconds, then its
+    ``/health`` endpoint. ``sqlite:///`` and ``file:`` / plain paths: the directory exists.
+    """
+    parsed = urlparse(uri)
+    hint = "Start the server (e.g. `make ui`), fix logger.tracking_uri, or use logger=csv."
+    if parsed.scheme in ("http", "https"):
+        host = parsed.hostname or "localhost"
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                pass
+        except OSError as e:
+            raise TrackingUnreachableError(
+                f"logger.tracking_uri={uri!r}: the MLflow tracking server is unreachable "
+                f"({host}:{port}: {e.strerror or e}, timeout {timeout:g}s). {hint}"
+            ) from None
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+                if resp.status >= 500:
+                    raise TrackingUnreachableError(
+                        f"logger.tracking_uri={uri!r}: the MLflow server answered /health with "
+                        f"HTTP {resp.status}. {hint}"
+                    )
+        except urllib.error.HTTPError as e:
+            if e.code >= 500:
+                raise TrackingUnreachableError(
+                    f"logger.tracking_uri={uri!r}: the MLflow server answered /health with "
+                    f"HTTP {e.code}. {hint}"
+                ) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingUnreachableError(
+                f"logger.tracking_uri={uri!r}: the MLflow tracking server does not answer "
+                f"({getattr(e, 'reason', e)}, timeout {timeout:g}s). {hint}"
+            ) from None
+    elif parsed.scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else parsed.path
+        if path and path != ":memory:":
+            parent = Path(path).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise TrackingUnreachableError(
+                    f"logger.tracking_uri={uri!r}: directory {parent} does not exist "
+                    "(the SQLite file is created, its directory is not)"
+                )
+    elif parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
+        if not path.resolve().parent.is_dir():
+            raise TrackingUnreachableError(
+                f"logger.tracking_uri={uri!r}: directory {path.resolve().parent} does not exist"
+            )
 
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -36,12 +116,15 @@ def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_tags(cfg: DictConfig) -> dict[str, str]:
+    from opd_lit.jobs import job_key
+
     tags = {
         "method": str(cfg.method.name),
         "seed": str(cfg.seed),
         "student": str(cfg.student.get("name", cfg.student.path)),
         "teacher": str(cfg.teacher.get("name", cfg.teacher.path)),
         "label": str(cfg.get("label") or cfg.method.name),
+        "job_key": job_key(cfg),
     }
     if cfg.get("sweep"):
         tags["sweep"] = tags["table"] = str(cfg.sweep)
@@ -50,19 +133,148 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     return tags
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
+class BufferedMLFlowLogger(MLFlowLogger):
+    """MLFlowLogger that never loses metrics to a tracking-store outage (see the module doc).
+
+    ``terminal_status``: the status ``finalize("failed")`` writes (the checkpoint callback
+    sets KILLED on Ctrl-C / SIGTERM). ``finalize("success")`` does not end the run: that is
+    :meth:`close`'s job, once the entry point has finished everything.
+    """
+
+    def __init__(self, *args, fallback_dir: str | Path | None = None, retry_interval_s: float = 30.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fallback_dir = Path(fallback_dir) if fallback_dir else None
+        self.retry_interval_s = retry_interval_s
+        self.buffer: list[tuple[dict[str, float], int, int]] = []  # (metrics, step, timestamp ms)
+        self.terminal_status = "FAILED"
+        self._last_failure = 0.0
+        self.failures = 0
+        self.closed_with: str | None = None
+
+    # ---- metrics -----------------------------------------------------------------------
+    def _send(self, metrics: Mapping[str, float], step: int, timestamp_ms: int) -> None:
+        from mlflow.entities import Metric
+
+        items = []
+        for k, v in metrics.items():
+            if isinstance(v, str):
+                continue
+            items.append(Metric(key=re.sub("[^a-zA-Z0-9_/. -]+", "", k), value=float(v),
+                                timestamp=timestamp_ms, step=step))
+        for i in range(0, len(items), 1000):
+            self.experiment.log_batch(run_id=self.run_id, metrics=items[i:i + 1000], **self._log_batch_kwargs)
+
+    def flush(self) -> bool:
+        """Send the buffered metrics; True when nothing is left."""
+        while self.buffer:
+            metrics, step, ts = self.buffer[0]
+            self._send(metrics, step, ts)
+            self.buffer.pop(0)
+        return True
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        entry = (dict(metrics), int(step or 0), int(time.time() * 1000))
+        if self.buffer and time.monotonic() - self._last_failure < self.retry_interval_s:
+            self.buffer.append(entry)
+            return
+        self.buffer.append(entry)
+        try:
+            self.flush()
+            if self.failures:
+                log.warning("MLflow tracking store answers again: all buffered metrics were sent")
+                self.failures = 0
+        except Exception as e:  # noqa: BLE001 - any tracking failure: keep the metrics
+            self._last_failure = time.monotonic()
+            self.failures += 1
+            msg = (
+                f"MLflow logging failed at step {entry[1]} ({type(e).__name__}: {str(e)[:200]}); "
+                f"{len(self.buffer)} metric batch(es) kept in memory, retrying every "
+                f"{self.retry_interval_s:g}s, written to {FALLBACK_CSV} in the run directory at "
+                "the end if the store does not come back"
+            )
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+    def write_fallback(self) -> Path | None:
+        """Write the unsent metrics to ``<fallback_dir>/mlflow_unsent_metrics.csv``."""
+        if not self.buffer:
+            return None
+        target = (self.fallback_dir or Path(".")) / FALLBACK_CSV
+        target.parent.mkdir(parents=True, exist_ok=True)
+        new = not target.exists()
+        with open(target, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["run_id", "step", "timestamp_ms", "key", "value"])
+            for metrics, step, ts in self.buffer:
+                for k, v in metrics.items():
+                    w.writerow([self._run_id, step, ts, k, v])
+        log.warning(
+            "MLflow never came back: %d metric batch(es) of run %s written to %s",
+            len(self.buffer), self._run_id, target,
+        )
+        self.buffer.clear()
+        return target
+
+    def has_metric_at(self, key: str, step: int) -> bool:
+        try:
+            return any(m.step == step for m in self.experiment.get_metric_history(self.run_id, key))
+        except Exception:  # noqa: BLE001
+            return False
+
+    # ---- end of the run ----------------------------------------------------------------
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if not self._initialized:
+            return
+        if status in ("success", "finished"):
+            self._flush_or_fallback()
+            return  # close() sets FINISHED once the entry point is done
+        self.close(self.terminal_status if status == "failed" else status)
+
+    def _flush_or_fallback(self) -> None:
+        try:
+            self.flush()
+        except Exception as e:  # noqa: BLE001
+            log.warning("MLflow flush failed at the end (%s: %s)", type(e).__name__, e)
+            self.write_fallback()
+
+    @rank_zero_only
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush (or write the CSV fallback) and set the run's final status, once."""
+        if not self._initialized or self.closed_with is not None:
+            return
+        self._flush_or_fallback()
+        try:
+            self.experiment.set_terminated(self.run_id, status)
+            self.closed_with = status
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not set MLflow run %s to %s (%s: %s)", self._run_id, status, type(e).__name__, e)
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path, run_id: str | None = None) -> list:
+    """The run's logger. ``run_id``: continue that MLflow run (resume) instead of a new one."""
     kind = cfg.logger.kind
     if kind == "mlflow":
-        from lightning.pytorch.loggers import MLFlowLogger
-
+        # A tracking server that goes away mid-run must not stall every step for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         uri = tracking_uri(cfg.logger.get("tracking_uri"))
-        logger = MLFlowLogger(
+        logger = BufferedMLFlowLogger(
             experiment_name=cfg.logger.experiment_name,
             run_name=cfg.logger.get("run_name"),
             tracking_uri=uri,
             tags=run_tags(cfg),
             log_model=False,
+            run_id=run_id,
+            fallback_dir=output_dir,
         )
+        if run_id is not None:
+            client = logger.experiment
+            client.update_run(run_id, status="RUNNING")
+            for key, value in run_tags(cfg).items():
+                client.set_tag(run_id, key, value)
     elif kind == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
@@ -70,8 +282,12 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
     else:
         raise ValueError(f"logger.kind={kind!r} is not one of {list(LOGGER_KINDS)}")
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger.log_hyperparams(flatten(resolved))
-    log_text(logger, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml", output_dir)
+    if run_id is None:
+        logger.log_hyperparams(flatten(resolved))
+        log_text(logger, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml", output_dir)
+    else:
+        # MLflow params cannot change; the resumed config is the same job (same job_key).
+        log_text(logger, OmegaConf.to_yaml(cfg, resolve=True), "config_resumed.yaml", output_dir)
     return [logger]
 
 

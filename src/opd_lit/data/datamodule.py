@@ -11,8 +11,10 @@ After each optimizer step :meth:`sync_weights` pushes the new student weights in
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -45,6 +47,9 @@ class RolloutSpec:
     max_prompt_tokens: int = 2048
     gen_batch_size: int = 64  # hf: prompts per generate() call
     score_chunk_size: int = 4096  # positions per lm_head chunk when scoring
+    # sentence segmentation (CPU) in a background thread, overlapping the student and teacher
+    # scoring passes; waited for where the segments are first read (the release rule)
+    segment_in_background: bool = True
     # vllm-only keys (tensor_parallel_size, gpu_memory_utilization, ...) are passed through
     engine_options: dict[str, Any] | None = None
 
@@ -169,6 +174,8 @@ class RolloutDataModule(L.LightningDataModule):
             options = dict(self.spec.engine_options or {})
             if self.spec.engine == "hf":
                 options.setdefault("batch_size", self.spec.gen_batch_size)
+            elif self.spec.engine == "vllm" and options.get("max_model_len") is None:
+                options["max_model_len"] = self.spec.max_prompt_tokens + self.spec.max_new_tokens
             self._engine = build_engine(
                 self.spec.engine,
                 module.student,
@@ -222,6 +229,7 @@ class RolloutDataModule(L.LightningDataModule):
         set_stage(self.trainer, "rollout")
         t0 = time.perf_counter()
         params = self.sampling_params(max_new_tokens=module.generation_limit(self.spec.max_new_tokens))
+        params.logprobs = needs.topk  # engines that can return them spare the scoring pass below
         gen = self.engine.generate([r["prompt_ids"] for r in records], n, params)
         gen_s = time.perf_counter() - t0
 
@@ -229,7 +237,8 @@ class RolloutDataModule(L.LightningDataModule):
         prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], pad_id)
         response_ids, response_mask = right_pad(gen.response_ids, pad_id)
         t_prompt_ids, t_prompt_mask = left_pad([self.teacher_prompt(r) for r in rows], pad_id)
-        batch = RolloutBatch(
+        background = needs.segments and self.spec.segment_in_background
+        batch = (BackgroundSegmentsBatch if background else RolloutBatch)(
             records=rows,
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
@@ -242,28 +251,38 @@ class RolloutDataModule(L.LightningDataModule):
             group_ids=torch.arange(len(records)).repeat_interleave(n),
         ).to(device)
 
+        if background:
+            batch.start_segments(self._segmenter(), self._segment_tokenizer(), response_ids, response_mask)
+
         t1 = time.perf_counter()
-        if gen.logprobs is not None and (needs.topk == 0 or gen.topk_ids is not None) and not needs.entropy:
+        # What the engine computed while sampling (vllm) is used as is; the student scoring
+        # pass runs only for what is missing: hf returns neither, and no engine returns the
+        # entropy (LGR's trigger), so then the pass computes the entropy alone.
+        have_logprobs = gen.logprobs is not None
+        have_topk = needs.topk == 0 or gen.topk_ids is not None
+        if have_logprobs:
             batch.student_logprobs = right_pad_float(gen.logprobs, response_ids.shape).to(device)
-            if needs.topk:
-                batch.student_topk_ids = _pad_topk(gen.topk_ids, response_ids.shape, needs.topk).to(device)
-        else:
+        if needs.topk and gen.topk_ids is not None:
+            batch.student_topk_ids = _pad_topk(gen.topk_ids, response_ids.shape, needs.topk).to(device)
+        if not (have_logprobs and have_topk) or needs.entropy:
             ids, mask = batch.student_inputs()
             with torch.no_grad():
                 scores = score_tokens(
                     module.student, ids, mask, batch.response_ids, batch.response_mask,
-                    topk=needs.topk, entropy=True, chunk_size=self.spec.score_chunk_size,
+                    topk=0 if have_topk else needs.topk, entropy=True,
+                    chunk_size=self.spec.score_chunk_size,
                 )
-            batch.student_logprobs = scores.logprobs
             batch.student_entropy = scores.entropy
-            if needs.topk:
+            if not have_logprobs:
+                batch.student_logprobs = scores.logprobs
+            if not have_topk:
                 batch.student_topk_ids = scores.topk_ids
         score_s = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         texts = self.student_tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
         batch.extras["response_text"] = texts
-        if needs.segments:
+        if needs.segments and not background:
             from opd_lit.release import segment_ids_batch
 
             batch.segment_ids = segment_ids_batch(
@@ -272,10 +291,72 @@ class RolloutDataModule(L.LightningDataModule):
         seg_s = time.perf_counter() - t2
 
         tokens = float(response_mask.sum().item())
-        batch.timings.update(
-            rollout_s=gen_s, rollout_tokens=tokens, student_score_s=score_s, segment_s=seg_s
-        )
+        batch.timings.update(rollout_s=gen_s, rollout_tokens=tokens, student_score_s=score_s)
+        if not background:  # the background thread records its own segment_s
+            batch.timings["segment_s"] = seg_s
         return batch
+
+    # ---- background segmentation -------------------------------------------------------
+    def _segmenter(self) -> ThreadPoolExecutor:
+        if getattr(self, "_segment_pool", None) is None:
+            self._segment_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-segment")
+        return self._segment_pool
+
+    def _segment_tokenizer(self):
+        # A fast tokenizer must not be used by two threads at once ("Already borrowed"):
+        # the segmentation thread gets its own copy.
+        if getattr(self, "_seg_tokenizer", None) is None:
+            self._seg_tokenizer = copy.deepcopy(self.student_tokenizer)
+        return self._seg_tokenizer
+
+    def teardown(self, stage: str | None = None) -> None:
+        pool = getattr(self, "_segment_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+            self._segment_pool = None
+
+
+class BackgroundSegmentsBatch(RolloutBatch):
+    """A :class:`RolloutBatch` whose ``segment_ids`` are computed in a background thread.
+
+    Sentence segmentation is CPU work (decode, Punkt, offsets); started right after the
+    rollout, it overlaps the student and teacher scoring passes. Reading ``segment_ids`` the
+    first time waits for it (``timings["segment_wait_s"]`` = the time the step was blocked);
+    ``timings["segment_s"]`` is the segmentation's own time. Assigning ``segment_ids``
+    replaces the pending result.
+    """
+
+    def start_segments(self, pool: ThreadPoolExecutor, tokenizer, response_ids, response_mask) -> None:
+        from opd_lit.release import segment_ids_batch
+
+        ids, mask = response_ids.cpu(), response_mask.cpu()
+        timings = self.timings
+
+        def work() -> torch.Tensor:
+            t0 = time.perf_counter()
+            try:
+                return segment_ids_batch(tokenizer, ids, mask)
+            finally:
+                timings["segment_s"] = time.perf_counter() - t0
+
+        self.__dict__["_segment_device"] = self.response_ids.device
+        self.__dict__["_segment_future"] = pool.submit(work)
+
+    @property
+    def segment_ids(self) -> torch.Tensor | None:
+        future = self.__dict__.get("_segment_future")
+        if future is not None:
+            t0 = time.perf_counter()
+            value = future.result().to(self.__dict__["_segment_device"])
+            self.__dict__["_segment_future"] = None
+            self.__dict__["_segment_ids"] = value
+            self.timings["segment_wait_s"] = time.perf_counter() - t0
+        return self.__dict__.get("_segment_ids")
+
+    @segment_ids.setter
+    def segment_ids(self, value: torch.Tensor | None) -> None:
+        self.__dict__["_segment_future"] = None
+        self.__dict__["_segment_ids"] = value
 
 
 def right_pad_float(rows: list[list[float]], shape: torch.Size) -> torch.Tensor:

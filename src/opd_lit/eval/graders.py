@@ -18,6 +18,7 @@ response cut off inside its reasoning has no final answer.
 from __future__ import annotations
 
 import random
+from fractions import Fraction
 import re
 import threading
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ def extract_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` in ``text``, or None if there is none.
 
     Braces inside the box are matched, so ``\\boxed{\\frac{1}{2}}`` gives
-    ``\\frac{1}{2}``. An unterminated last box gives None.
+    ``\\frac{1}{2}``. An unterminated last box is skipped in favour of the last
+    complete one; None when there is no complete box.
     """
     start = text.rfind(_BOXED + "{")
     while start != -1:
@@ -90,6 +92,9 @@ def _timeout() -> int | None:
     return 5 if threading.current_thread() is threading.main_thread() else None
 
 
+_PLAIN_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+
+
 def grade_math(response: str, gold: str) -> bool:
     """True iff the last boxed answer of ``response`` is mathematically equal to ``gold``."""
     from math_verify import parse, verify
@@ -100,6 +105,9 @@ def grade_math(response: str, gold: str) -> bool:
     gold = str(gold).strip()
     if pred == gold:
         return True
+    if _PLAIN_NUMBER.match(pred) and _PLAIN_NUMBER.match(gold):
+        # Two plain decimals: compare exactly without the (slow) symbolic parser.
+        return Fraction(pred) == Fraction(gold)
     gold_box = extract_boxed(gold)
     gold_inner = gold_box if gold_box is not None else gold
     t = _timeout()

@@ -119,6 +119,7 @@ class DistillModule(L.LightningModule):
 
     name = "base"
     uses_release = False  # the method itself needs the release rule's inputs
+    diagnostic_topk = 0  # student top-K the diagnostics' margin curves ask for (DiagnosticsCallback.setup)
 
     def __init__(
         self,
@@ -164,7 +165,7 @@ class DistillModule(L.LightningModule):
     def needs(self) -> Needs:
         release = self.uses_release or self.release_spec.diagnose
         return Needs(
-            topk=self.release_spec.top_k if release else 0,
+            topk=max(self.release_spec.top_k if release else 0, self.diagnostic_topk),
             segments=release,
         )
 
@@ -241,12 +242,21 @@ class DistillModule(L.LightningModule):
         advantage, weight = sup.advantage.detach(), sup.weight.detach()
         mask = batch.response_mask
         num_tokens = mask.sum()
+        # Numeric guard: padding never carries a NaN/inf into the loss (NaN * 0 is NaN), and a
+        # non-finite advantage or weight on a real token skips the update (no forward at all).
+        valid = mask > 0
+        bad_inputs = [
+            name for name, x in (("advantage", advantage), ("weight", weight), ("candidate_reward", sup.candidate_reward))
+            if x is not None and not bool(torch.isfinite(x[valid]).all())
+        ]
+        advantage = torch.where(valid, advantage, torch.zeros_like(advantage))
+        weight = torch.where(valid, weight, torch.zeros_like(weight))
 
         opt = self.optimizers()
         sched = self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for rows, first, width in self._micro_batches(batch):
+        for rows, first, width in (self._micro_batches(batch) if not bad_inputs else ()):
             ids = torch.cat([batch.prompt_ids[rows, first:], batch.response_ids[rows, :width]], 1)
             am = torch.cat([batch.prompt_mask[rows, first:], mask[rows, :width].long()], 1)
             cand = None if sup.candidate_ids is None else sup.candidate_ids[rows, :width]
@@ -268,8 +278,13 @@ class DistillModule(L.LightningModule):
             total = total + loss.detach()
 
         grad_norm = self._grad_norm()
-        finite = bool(torch.isfinite(total)) and math.isfinite(grad_norm)
-        if finite:
+        if bad_inputs:
+            total = torch.full((), float("nan"), device=self.device)  # logged: no loss this step
+        bad = bad_inputs or [
+            name for name, ok in (("loss", bool(torch.isfinite(total))), ("gradient", math.isfinite(grad_norm)))
+            if not ok
+        ]
+        if not bad:
             self._skipped_in_a_row = 0
             opt.step()
         else:
@@ -278,10 +293,14 @@ class DistillModule(L.LightningModule):
             self._skipped_in_a_row += 1
             if self._skipped_in_a_row >= self.loss_spec.max_skipped_in_a_row:
                 raise NonFiniteError(
-                    f"{self._skipped_in_a_row} steps in a row had a non-finite loss or gradient "
-                    f"(loss={float(total)}, grad_norm={grad_norm}); stopping "
-                    f"(loss.max_skipped_in_a_row={self.loss_spec.max_skipped_in_a_row})"
+                    f"{self._skipped_in_a_row} steps in a row had a non-finite "
+                    f"{' / '.join(bad)} (loss={float(total)}, grad_norm={grad_norm}); stopping at "
+                    f"step {self.trainer.global_step} (loss.max_skipped_in_a_row="
+                    f"{self.loss_spec.max_skipped_in_a_row}; the previous updates are in the last checkpoint)"
                 )
+            # No gradients, so the optimizer changes nothing; the step still counts, which keeps
+            # the global step equal to the data position (what a resumed run restarts from).
+            opt.step()
         sched.step()
         update_s = time.perf_counter() - t0
 

@@ -15,6 +15,11 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k truncation (the on-policy distribution)
     greedy: bool = False
+    # Log-probs the engine should return with the samples (engines that compute them while
+    # sampling; hf ignores it): None = none, 0 = each sampled token's log-prob, K > 0 = also
+    # the student's top-K candidate ids at each position. Always of the raw model
+    # distribution (temperature 1), whatever the sampling temperature.
+    logprobs: int | None = None
 
 
 @dataclass

@@ -423,9 +423,11 @@ def build_into_cache(role: str, recipe: Recipe | None = None, progress: bool = T
                     return root / role
                 except (ToyAssetError, json.JSONDecodeError):
                     pass
+            # Holding the lock, no other build of this role is alive: leftovers of
+            # interrupted builds can go.
+            for old in root.glob(f".stage-{role}-*"):
+                shutil.rmtree(old, ignore_errors=True)
             stage = root / f".stage-{role}-{os.getpid()}"
-            if stage.exists():
-                shutil.rmtree(stage)
             record = build_role(role, stage / role, recipe, evaluate=True, progress=progress)
             manifest_path.unlink(missing_ok=True)
             if (root / role).exists():
