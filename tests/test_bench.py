@@ -121,7 +121,8 @@ def _rollout(seed=0, batch=5, prompt=7, resp=11, vocab=67):
     return ids, am, r, rm
 
 
-def test_no_grad_scoring_in_place_matches_full_logits():
+@pytest.mark.parametrize("vocab_chunk", [None, 16, 5])
+def test_no_grad_scoring_in_place_matches_full_logits(vocab_chunk):
     import torch
     from conftest import tiny_qwen3
     from opd_lit.scoring import score_tokens
@@ -136,8 +137,10 @@ def test_no_grad_scoring_in_place_matches_full_logits():
         gather = torch.randint(0, 67, (*r.shape, 4))
         for chunk in (1, 4, 1000):
             with torch.no_grad():
-                own = score_tokens(model, ids, am, r, rm, topk=5, entropy=True, chunk_size=chunk)
-                given = score_tokens(model, ids, am, r, rm, gather_ids=gather, chunk_size=chunk)
+                own = score_tokens(model, ids, am, r, rm, topk=5, entropy=True, chunk_size=chunk,
+                                   vocab_chunk_size=vocab_chunk)
+                given = score_tokens(model, ids, am, r, rm, gather_ids=gather, chunk_size=chunk,
+                                     vocab_chunk_size=vocab_chunk)
             lp = logp.gather(-1, r.unsqueeze(-1)).squeeze(-1)
             torch.testing.assert_close(own.logprobs[valid], lp[valid], atol=1e-5, rtol=0)
             torch.testing.assert_close(given.logprobs[valid], lp[valid], atol=1e-5, rtol=0)
@@ -152,8 +155,8 @@ def test_no_grad_scoring_in_place_matches_full_logits():
             assert torch.all(own.logprobs[~valid] == 0) and torch.all(own.entropy[~valid] == 0)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_loss_paths_give_the_full_logit_gradients(tie):
+@pytest.mark.parametrize("tie,vocab_chunk", [(True, None), (False, None), (True, 16), (False, 7)])
+def test_loss_paths_give_the_full_logit_gradients(tie, vocab_chunk):
     """score_tokens with gradients (recompute-in-backward) and fused_logprob_loss (gradients in
     the forward) against autograd through full [B, T, V] logits: values and every gradient."""
     import torch
@@ -169,7 +172,7 @@ def test_loss_paths_give_the_full_logit_gradients(tie):
             lp = score_tokens_full(model, ids, am, r, rm).logprobs
             loss = (coef * lp * (rm > 0)).sum()
         elif mode == "chunked":
-            lp = score_tokens(model, ids, am, r, rm, chunk_size=4).logprobs
+            lp = score_tokens(model, ids, am, r, rm, chunk_size=4, vocab_chunk_size=vocab_chunk).logprobs
             loss = (coef * lp).sum()
         else:
             loss, lp = fused_logprob_loss(model, ids, am, r, rm, coef, chunk_size=4)

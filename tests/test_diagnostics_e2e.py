@@ -19,8 +19,10 @@ def artifact_files(client, run_id, path="diagnostics"):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not TOY_ASSETS.exists(), reason="the toy models are not built yet")
-def test_training_logs_the_diagnostics_and_diagnose_redraws_them(tmp_path, capsys):
+def test_training_logs_the_diagnostics_and_diagnose_redraws_them(tmp_path, capsys, monkeypatch):
     from opd_lit.diagnose import main
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root and the checkpoints land here
 
     common = ("trainer.max_steps=2", "diagnostics.every_n_steps=1", "eval.at_start=false")
     run(compose_cfg(tmp_path, "method=release_bic", *common))

@@ -398,7 +398,7 @@ def worker_vllm_rollout(a: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from opd_lit.models import end_of_turn_ids, load_causal_lm, load_tokenizer
-    from opd_lit.rollout import SamplingParams, build_engine
+    from opd_lit.rollout import HFEngine, SamplingParams, build_engine
 
     tok = load_tokenizer(a["student"])
     model = load_causal_lm(a["student"], dtype=a["dtype"])
@@ -409,8 +409,15 @@ def worker_vllm_rollout(a: dict[str, Any]) -> dict[str, Any]:
     startup = time.perf_counter() - t0
     params = SamplingParams(max_new_tokens=a["new_tokens"], logprobs=a["topk"])
     engine.generate(a["prompts"][:4], 1, SamplingParams(max_new_tokens=8, logprobs=a["topk"]))
-    best, tokens = math.inf, 0
+    # hf on the same model in the same process, interleaved with vLLM (hf, vllm, hf, vllm, ...)
+    # so that load changes on a shared machine hit both alike
+    hf = HFEngine(model, pad_id=tok.pad_token_id, eos_ids=eos, batch_size=len(a["prompts"]))
+    hf.generate(a["prompts"][:4], 1, SamplingParams(max_new_tokens=8))
+    best, tokens, hf_best, hf_tokens = math.inf, 0, math.inf, 0
     for _ in range(max(1, a["reps"])):
+        t, gen = _timed(lambda: hf.generate(a["prompts"], 1, params), 1)
+        if t < hf_best:
+            hf_best, hf_tokens = t, sum(len(r) for r in gen.response_ids)
         t, gen = _timed(lambda: engine.generate(a["prompts"], 1, params), 1)
         if t < best:
             best, tokens = t, sum(len(r) for r in gen.response_ids)
@@ -420,6 +427,7 @@ def worker_vllm_rollout(a: dict[str, Any]) -> dict[str, Any]:
     sync, _ = _timed(lambda: engine.sync_weights(model), 2)
     engine.close()
     return {"tok_s": round(tokens / best, 1), "tokens": tokens, "seconds": round(best, 3),
+            "hf_tok_s": round(hf_tokens / hf_best, 1), "hf_tokens": hf_tokens,
             "startup_s": round(startup, 1), "sync_ms": round(1000 * sync, 2)}
 
 
@@ -486,8 +494,10 @@ def worker_peer_trl(a: dict[str, Any]) -> dict[str, Any]:
 
     trainer._generate = timed_generate
     trainer.train()
+    gen = gen_time[a["steps"] - 1] if len(gen_time) >= a["steps"] else None
     return {"step_s": round(clock.seconds, 3), "peak_mib": clock.mem.mib,
-            "generate_s": round(gen_time[a["steps"] - 1], 3) if len(gen_time) >= a["steps"] else None}
+            "generate_s": None if gen is None else round(gen, 3),
+            "update_s": None if gen is None else round(clock.seconds - gen, 3)}
 
 
 def worker_peer_opd(a: dict[str, Any]) -> dict[str, Any]:
@@ -524,8 +534,9 @@ def worker_peer_opd(a: dict[str, Any]) -> dict[str, Any]:
 
     trainer.callbacks.append(Clock())
     trainer.fit(module, datamodule=datamodule)
+    gen = rollout_s[a["steps"] - 1]
     return {"step_s": round(clock.seconds, 3), "peak_mib": clock.mem.mib,
-            "rollout_s": round(rollout_s[a["steps"] - 1], 3)}
+            "rollout_s": round(gen, 3), "update_s": round(clock.seconds - gen, 3)}
 
 
 WORKERS = {
@@ -614,6 +625,10 @@ class Bench:
             except Exception as e:  # noqa: BLE001 - report, do not lose the other figures
                 self.notes.append(f"rollout_vllm_tok_s: the vLLM run failed: {str(e)[-600:]}")
         self.out["rollout_vllm_tok_s"] = vllm["tok_s"] if vllm else None
+        if vllm:  # hf measured again beside vLLM, interleaved: that pair gives the ratio
+            self.out["rollout_hf_tok_s"] = vllm["hf_tok_s"]
+            self.notes.append("rollout_hf_tok_s and rollout_vllm_tok_s: measured interleaved in one "
+                              "process (hf, vllm, hf, vllm), best of bench.reps each")
         self.out["rollout_speedup"] = _ratio(self.out["rollout_vllm_tok_s"], self.out["rollout_hf_tok_s"])
         if vllm:
             self.out["rollout_vllm_startup_s"] = vllm["startup_s"]
@@ -940,12 +955,18 @@ class Bench:
         args = {"student": student, "teacher": teacher, "prompts": s.peer_prompts,
                 "new_tokens": s.peer_new_tokens, "dtype": s.dtype, "steps": 3,
                 "workdir": str(self.workdir)}
-        res = {}
-        for name in ("peer_trl", "peer_opd"):
-            try:
-                res[name] = _run_worker(name, args)
-            except Exception as e:  # noqa: BLE001
-                self.notes.append(f"{name}: failed: {str(e)[-800:]}")
+        res: dict[str, dict[str, Any]] = {}
+        for _ in range(max(1, self.reps)):  # alternate trl, opd, trl, opd: best of each
+            for name in ("peer_trl", "peer_opd"):
+                try:
+                    r = _run_worker(name, args)
+                except Exception as e:  # noqa: BLE001
+                    self.notes.append(f"{name}: failed: {str(e)[-800:]}")
+                    continue
+                best = res.setdefault(name, dict(r))
+                for key, value in r.items():
+                    if value is not None and (best.get(key) is None or value < best[key]):
+                        best[key] = value
         trl, opd = res.get("peer_trl"), res.get("peer_opd")
         if trl:
             o["peer_trl_step_s"], o["peer_trl_peak_mib"] = trl["step_s"], trl["peak_mib"]
@@ -956,15 +977,17 @@ class Bench:
         if trl and opd:
             o["peer_step_ratio"] = _ratio(opd["step_s"], trl["step_s"])
             o["peer_mem_ratio"] = _ratio(opd["peak_mib"], trl["peak_mib"])
-            if trl.get("generate_s") is not None and opd.get("rollout_s") is not None:
-                o["peer_update_ratio"] = _ratio(opd["step_s"] - opd["rollout_s"],
-                                                trl["step_s"] - trl["generate_s"])
+            if trl.get("update_s") is not None and opd.get("update_s") is not None:
+                o["peer_trl_update_s"], o["peer_opd_update_s"] = trl["update_s"], opd["update_s"]
+                o["peer_update_ratio"] = _ratio(opd["update_s"], trl["update_s"])
         self.notes.append(
             f"peer (bench.peer=trl): {note}; {s.peer_prompts} prompts x 1 sample, at most "
             f"{s.peer_new_tokens} new tokens, hf generate on both sides; the 3rd training step "
-            "of each is timed (end of step 2 to end of step 3), peak memory over it. Ratios are "
-            "opd_lit / TRL (< 1: opd_lit is faster / leaner); peer_update_ratio leaves generation "
-            "out. opd_lit runs method=opd with release.diagnose=false, no eval, no checkpoints."
+            "of each is timed (end of step 2 to end of step 3), peak memory over it; the two run "
+            "alternately bench.reps times, best of each. Ratios are opd_lit / TRL (< 1: opd_lit "
+            "is faster / leaner); peer_update_ratio leaves generation (the same hf generate on "
+            "both sides) out. opd_lit runs method=opd with release.diagnose=false, no eval, no "
+            "checkpoints."
         )
 
     # ---- all --------------------------------------------------------------------------------

@@ -68,6 +68,16 @@ def model_from_run(client, run_id: str) -> str:
     return path
 
 
+def template_kwargs_from_run(client, run_id: str) -> dict[str, Any]:
+    """The chat-template arguments the run's student was trained with (its logged
+    ``student.template_kwargs.*`` params, e.g. ``enable_thinking``), so it is evaluated alike."""
+    import yaml
+
+    prefix = "student.template_kwargs."
+    params = client.get_run(run_id).data.params
+    return {k[len(prefix):]: yaml.safe_load(v) for k, v in params.items() if k.startswith(prefix)}
+
+
 def _last_step(client, run_id: str) -> int:
     """The step training ended at (train.py logs time/wall_s there), else the latest step seen."""
     history = client.get_metric_history(run_id, "time/wall_s")
@@ -88,7 +98,8 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
-def generate_and_grade(cfg: DictConfig, evaluator: Evaluator, model_path: str) -> EvalResult:
+def generate_and_grade(cfg: DictConfig, evaluator: Evaluator, model_path: str,
+                       template_kwargs: dict[str, Any] | None = None) -> EvalResult:
     from opd_lit.models import end_of_turn_ids, freeze, load_causal_lm, load_tokenizer
     from opd_lit.rollout import build_engine
 
@@ -115,7 +126,9 @@ def generate_and_grade(cfg: DictConfig, evaluator: Evaluator, model_path: str) -
         options["max_model_len"] = int(cfg.rollout.get("max_prompt_tokens", 2048)) + budget
     engine = build_engine(cfg.rollout.engine, model, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids, **options)
     kwargs = cfg.model.get("template_kwargs")
-    template_kwargs = OmegaConf.to_container(kwargs, resolve=True) if kwargs else {}
+    template_kwargs = {**(template_kwargs or {}), **(OmegaConf.to_container(kwargs, resolve=True) if kwargs else {})}
+    if template_kwargs:
+        log.info("chat template arguments: %s", template_kwargs)
     return evaluator.evaluate(engine, tokenizer, eos_ids, template_kwargs)
 
 
@@ -168,14 +181,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         mode, model_label = "regrade", str(cfg.responses)
         result = evaluator.regrade(cfg.responses)
     else:
-        model_path = cfg.model.get("path")
+        model_path, run_kwargs = cfg.model.get("path"), {}
         if not model_path:
             if not cfg.get("run_id"):
                 raise ValueError("give model.path=<local HF dir | toy:student | toy:teacher>, "
                                  "run_id=<mlflow run>, or responses=<file>")
-            model_path = model_from_run(_client(cfg), cfg.run_id)
+            client = _client(cfg)
+            model_path = model_from_run(client, cfg.run_id)
+            run_kwargs = template_kwargs_from_run(client, cfg.run_id)
         mode, model_label = "generate", str(model_path)
-        result = generate_and_grade(cfg, evaluator, model_path)
+        result = generate_and_grade(cfg, evaluator, model_path, run_kwargs)
     wall = time.perf_counter() - t0
 
     (out / "samples.jsonl").write_text(result.samples_jsonl(), encoding="utf-8")

@@ -4,10 +4,12 @@ Teacher, reference model and student (with gradients, for the loss) all go throu
 :func:`score_tokens`. The model's backbone runs once over ``[prompt | response]``; then only
 the hidden states that predict response tokens are kept, packed over the valid (unmasked)
 positions, and pushed through ``lm_head -> log_softmax -> gather`` a chunk of positions at a
-time. Peak extra memory is one ``[chunk, V]`` float32 block instead of ``[B, T, V]``: without
-gradients (teacher, reference, the student's rollout scoring) the chunk's log-sum-exp and
-entropy are computed in place on that block. With gradients, each chunk is checkpointed, so
-its logits are recomputed in the backward pass instead of being kept alive.
+time. Without gradients (teacher, reference, the student's rollout scoring) and for the
+student's loss (log-probs with gradients), each chunk also goes through the vocabulary in
+tiles of ``vocab_chunk_size`` (32,768) with a streaming log-sum-exp, so the peak extra memory
+is one ``[chunk, vocab_chunk]`` float32 tile, computed in place, instead of ``[B, T, V]``; the
+loss path recomputes each tile in its backward. Other requests with gradients (top-K, gathered
+candidates, entropy) checkpoint each ``[chunk, V]`` block and recompute it in the backward.
 
 :func:`fused_logprob_loss` is the student's loss path when the per-token loss coefficients
 are known before the forward (on-policy policy gradient: ``-w_t A_t / N``): like Liger's
@@ -26,6 +28,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 LOG_EPS = math.log(1e-12)
+# Vocabulary tile of the no-grad and loss paths: one [chunk, VOCAB_CHUNK] float32 block at a
+# time (512 MiB at 4096 positions), whatever the vocabulary size.
+VOCAB_CHUNK = 32768
 
 
 @dataclass
@@ -83,6 +88,24 @@ def _chunk_stats(
     return tuple(outs)
 
 
+def _vocab_tiles(vocab: int, tile: int | None):
+    tile = vocab if not tile or tile <= 0 else tile
+    return [(v0, min(vocab, v0 + tile)) for v0 in range(0, vocab, tile)]
+
+
+def _tile_logits(hidden, weight, bias, v0: int, v1: int) -> torch.Tensor:
+    """Float32 logits ``[N, v1 - v0]`` of one vocabulary tile (the weight rows are a view)."""
+    x = nn.functional.linear(hidden, weight[v0:v1], None if bias is None else bias[v0:v1])
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _gather_in_tile(x: torch.Tensor, ids: torch.Tensor, v0: int, v1: int, into: torch.Tensor) -> torch.Tensor:
+    """``into`` with the entries whose id falls in ``[v0, v1)`` replaced by ``x``'s values."""
+    inside = (ids >= v0) & (ids < v1)
+    vals = x.gather(-1, (ids - v0).clamp(0, v1 - v0 - 1))
+    return torch.where(inside, vals, into)
+
+
 @torch.no_grad()
 def _chunk_stats_inplace(
     hidden: torch.Tensor,  # [N, H]
@@ -92,41 +115,76 @@ def _chunk_stats_inplace(
     gather_ids: torch.Tensor,  # [N, K] (K may be 0)
     own_topk: int,
     want_entropy: bool,
+    vocab_chunk: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """:func:`_chunk_stats` without autograd: one ``[N, V]`` float32 block, reused in place.
+    """:func:`_chunk_stats` without autograd, one ``[N, vocab_chunk]`` float32 tile at a time.
 
-    The gathers and top-K are read first; then the block is shifted by its row max and
-    exponentiated in place for the log-sum-exp. The entropy, when asked, needs one more
-    block (``exp`` of the shifted logits): ``H = log Z - Σ e·s / Z`` with ``s`` the shifted
-    logits, ``e = exp(s)``, ``Z = Σ e``.
+    Streaming (online) log-sum-exp over vocabulary tiles: per row, a running max ``m``,
+    ``A = Σ e^(x-m)`` and, for the entropy, ``B = Σ e^(x-m)·(x-m)``; both are rescaled when
+    ``m`` grows. Then ``lse = m + log A`` and ``H = log A − B / A``. The sampled token's and the
+    candidates' logits are read from the tile that holds them, the top-K is merged tile by
+    tile. Each tile is exponentiated in place (the entropy needs one more tile-sized block).
     """
-    logits = nn.functional.linear(hidden, weight, bias)
-    if logits.dtype != torch.float32:
-        logits = logits.float()
-    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N]
-    extra: list[torch.Tensor] = []
-    if own_topk > 0:
-        top_logits, top_ids = logits.topk(own_topk, dim=-1)  # [N, K]
-    elif gather_ids.shape[-1] > 0:
-        picked = logits.gather(-1, gather_ids)  # [N, K]
-    row_max = logits.amax(dim=-1, keepdim=True)  # [N, 1]
-    logits.sub_(row_max)  # shifted logits s
-    if want_entropy:
-        e = logits.exp()
-        z = e.sum(-1)  # [N]
-        es = torch.bmm(e.unsqueeze(1), logits.unsqueeze(2)).reshape(-1)  # Σ e·s, no [N, V] temp
-        del e
-        log_z = z.log()
-        extra.append(log_z - es / z)
-    else:
-        log_z = logits.exp_().sum(-1).log()
-    lse = row_max.squeeze(-1) + log_z  # [N]
+    n, dev = hidden.shape[0], hidden.device
+    f32 = torch.float32
+    run_max = torch.full((n,), -math.inf, dtype=f32, device=dev)
+    acc = torch.zeros(n, dtype=f32, device=dev)  # A
+    ent = torch.zeros(n, dtype=f32, device=dev) if want_entropy else None  # B
+    target_logits = torch.zeros(n, dtype=f32, device=dev)
+    k = gather_ids.shape[-1]
+    picked = torch.zeros((n, k), dtype=f32, device=dev) if (k and not own_topk) else None
+    top_vals = top_ids = None
+    for v0, v1 in _vocab_tiles(weight.shape[0], vocab_chunk):
+        x = _tile_logits(hidden, weight, bias, v0, v1)
+        target_logits = _gather_in_tile(x, targets.unsqueeze(-1), v0, v1, target_logits.unsqueeze(-1)).squeeze(-1)
+        if picked is not None:
+            picked = _gather_in_tile(x, gather_ids, v0, v1, picked)
+        if own_topk > 0:
+            tv, ti = x.topk(min(own_topk, v1 - v0), dim=-1)
+            ti = ti + v0
+            if top_vals is not None:
+                tv, order = torch.cat([top_vals, tv], -1).topk(own_topk, dim=-1)
+                ti = torch.cat([top_ids, ti], -1).gather(-1, order)
+            top_vals, top_ids = tv, ti
+        new_max = torch.maximum(run_max, x.amax(dim=-1))
+        scale = torch.exp(run_max - new_max)  # 0 on the first tile
+        x.sub_(new_max.unsqueeze(-1))  # s = x − m', in place
+        if ent is not None:
+            shift = torch.where(acc > 0, (run_max - new_max) * acc, torch.zeros_like(acc))
+            e = x.exp()
+            ent = scale * (ent + shift) + torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).reshape(-1)
+            acc = scale * acc + e.sum(-1)
+            del e
+        else:
+            acc = scale * acc + x.exp_().sum(-1)
+        run_max = new_max
+        del x
+    log_a = acc.log()
+    lse = run_max + log_a
     outs: list[torch.Tensor] = [target_logits - lse]
     if own_topk > 0:
-        outs += [top_ids, top_logits - lse.unsqueeze(-1)]
-    elif gather_ids.shape[-1] > 0:
+        outs += [top_ids, top_vals - lse.unsqueeze(-1)]
+    elif picked is not None:
         outs += [picked - lse.unsqueeze(-1)]
-    return tuple(outs + extra)
+    if ent is not None:
+        outs.append(log_a - ent / acc)
+    return tuple(outs)
+
+
+def _lse_and_target(hidden, weight, bias, targets, vocab_chunk) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: log-sum-exp over the vocabulary and the target's logit, tile by tile (no grad)."""
+    n, dev = hidden.shape[0], hidden.device
+    run_max = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
+    acc = torch.zeros(n, dtype=torch.float32, device=dev)
+    target = torch.zeros(n, 1, dtype=torch.float32, device=dev)
+    for v0, v1 in _vocab_tiles(weight.shape[0], vocab_chunk):
+        x = _tile_logits(hidden, weight, bias, v0, v1)
+        target = _gather_in_tile(x, targets.unsqueeze(-1), v0, v1, target)
+        new_max = torch.maximum(run_max, x.amax(dim=-1))
+        acc = torch.exp(run_max - new_max) * acc + x.sub_(new_max.unsqueeze(-1)).exp_().sum(-1)
+        run_max = new_max
+        del x
+    return run_max + acc.log(), target.squeeze(-1)
 
 
 def score_tokens(
@@ -140,6 +198,7 @@ def score_tokens(
     topk: int = 0,  # or: return the model's own top-K ids and their log-probs
     entropy: bool = False,
     chunk_size: int = 4096,
+    vocab_chunk_size: int | None = VOCAB_CHUNK,  # vocabulary tile (None: the whole vocabulary)
 ) -> TokenScores:
     """Log-probs of the response tokens (and optionally top-K, entropy) of ``model``.
 
@@ -170,7 +229,9 @@ def score_tokens(
     pieces: list[tuple[torch.Tensor, ...]] = []
     if use_ckpt and k == 0 and not entropy:
         # The loss path (log-probs only, with gradients): recompute-in-backward, in place.
-        pieces.append((_ChunkedLinearLogprob.apply(rows, weight, bias, targets, chunk_size),))
+        pieces.append(
+            (_ChunkedLinearLogprob.apply(rows, weight, bias, targets, chunk_size, vocab_chunk_size),)
+        )
     for start in range(0, 0 if pieces else rows.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         args = (rows[sl], weight, bias, targets[sl], ids[sl], topk, entropy)
@@ -179,7 +240,7 @@ def score_tokens(
         elif torch.is_grad_enabled() and (weight.requires_grad or rows.requires_grad):
             pieces.append(_chunk_stats(*args))  # gradients without checkpointing (rare)
         else:
-            pieces.append(_chunk_stats_inplace(*args))
+            pieces.append(_chunk_stats_inplace(*args, vocab_chunk=vocab_chunk_size))
 
     def scatter(i: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         out = torch.zeros(shape, dtype=dtype, device=response_ids.device)
@@ -230,69 +291,62 @@ def score_tokens_full(
     return res
 
 
-def _softmax_grad_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """In place: ``logits [n, V]`` -> ``coef · (onehot(targets) − softmax)``, the gradient of
-    ``Σ coef · log softmax(logits)[targets]`` with respect to the logits."""
-    probs = logits.sub_(lse.unsqueeze(-1)).exp_()
-    grad = probs.mul_((-coef).unsqueeze(-1))
-    return grad.scatter_add_(-1, targets.unsqueeze(-1), coef.unsqueeze(-1))
-
-
 class _ChunkedLinearLogprob(torch.autograd.Function):
-    """``log softmax(h Wᵀ + b)[y]`` per row, a chunk of rows at a time, for the loss path.
+    """``log softmax(h Wᵀ + b)[y]`` per row for the loss path, never more than one
+    ``[chunk, vocab_chunk]`` float32 tile alive.
 
-    Forward: one ``[chunk, V]`` float32 block per chunk, in place; only the per-row
-    log-sum-exp is kept. Backward: the chunk's logits are recomputed once and turned in place
-    into ``g · (onehot − p)``, which gives ``∂h`` and accumulates ``∂W`` (float32). Same
-    lm_head matmuls as checkpointing (4 per chunk) with far fewer ``[chunk, V]`` passes and
-    temporaries than autograd through a checkpointed ``log_softmax``.
+    Forward (no autograd graph): streaming log-sum-exp over vocabulary tiles, a chunk of rows
+    at a time; only the per-row log-sum-exp is kept. Backward: each tile's logits are
+    recomputed once and turned in place into ``g · (onehot − p)``, which adds to ``∂h`` and
+    to the tile's rows of ``∂W`` (float32). The lm_head matmuls are those of checkpointing
+    (4 per tile), with far fewer tile passes and temporaries than autograd through a
+    checkpointed ``log_softmax``.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, vocab_chunk):
         n_rows = hidden.shape[0]
         logprobs = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
         lse = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
         for start in range(0, n_rows, chunk_size):
             sl = slice(start, start + chunk_size)
-            logits = nn.functional.linear(hidden[sl], weight, bias)
-            if logits.dtype != torch.float32:
-                logits = logits.float()
-            target_logits = logits.gather(-1, targets[sl].unsqueeze(-1)).squeeze(-1)
-            row_max = logits.amax(dim=-1, keepdim=True)
-            lse[sl] = row_max.squeeze(-1) + logits.sub_(row_max).exp_().sum(-1).log()
-            logprobs[sl] = target_logits - lse[sl]
-            del logits
+            lse[sl], target = _lse_and_target(hidden[sl], weight, bias, targets[sl], vocab_chunk)
+            logprobs[sl] = target - lse[sl]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.vocab_chunk = chunk_size, vocab_chunk
         return logprobs
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b and bias is not None else None
+        grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+                  if need_b and bias is not None else None)
         g_all = grad_out.float()
+        tiles = _vocab_tiles(weight.shape[0], ctx.vocab_chunk)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
-            h = hidden[sl]
-            logits = nn.functional.linear(h, weight, bias)
-            if logits.dtype != torch.float32:
-                logits = logits.float()
-            g = _softmax_grad_(logits, lse[sl], targets[sl], g_all[sl])
-            if need_h:
-                grad_h[sl] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                grad_w.addmm_(g.t(), h.float())
-            if grad_b is not None:
-                grad_b += g.sum(0)
-            del g, logits
+            h, y, g_rows, lse_rows = hidden[sl], targets[sl], g_all[sl], lse[sl]
+            for v0, v1 in tiles:
+                x = _tile_logits(h, weight, bias, v0, v1)
+                g = x.sub_(lse_rows.unsqueeze(-1)).exp_().mul_((-g_rows).unsqueeze(-1))  # −g·p
+                inside = (y >= v0) & (y < v1)
+                g.scatter_add_(-1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(-1),
+                               torch.where(inside, g_rows, torch.zeros_like(g_rows)).unsqueeze(-1))
+                if need_h:
+                    grad_h[sl] += g.to(weight.dtype) @ weight[v0:v1]
+                if need_w:
+                    grad_w[v0:v1].addmm_(g.t(), h.float())
+                if grad_b is not None:
+                    grad_b[v0:v1] += g.sum(0)
+                del g, x
         return (
-            grad_h,
+            grad_h.to(hidden.dtype) if grad_h is not None else None,
             grad_w.to(weight.dtype) if grad_w is not None else None,
             grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
             None,
             None,
         )
