@@ -15,6 +15,8 @@ setup:  ## create .venv with everything (CPU torch first), offline NLTK data, ve
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import torch, transformers, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__; print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 	$(BIN)/pip install -q --no-deps -e .
 	$(PY) -m opd_lit.release.segment --install-punkt
 	$(PY) -m opd_lit.toy.build --verify

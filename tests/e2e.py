@@ -33,6 +33,7 @@ def compose_cfg(tmp_path: Path, *overrides: str, fast: bool = True):
                 *(FAST if fast else []),
                 f"output_dir={tmp_path / 'run'}",
                 f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                f"checkpoint.dir={tmp_path / 'checkpoints'}/${{job_key:}}",
                 *overrides,
             ],
         )
