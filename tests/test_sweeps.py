@@ -53,3 +53,41 @@ def test_unknown_sweep_lists_the_sweeps(capsys):
     assert "table1" in str(err.value) and "toy_table1" in str(err.value)
     assert main(["tabel1"]) == 2
     assert "available sweeps" in capsys.readouterr().err
+
+
+def _leaves(node, prefix=""):
+    """(dotted key, value) for every leaf of a plain dict; lists are leaves."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("name", ["paper_1p7b", "paper_4b", "paper_8b", "paper_code", "toy"])
+def test_an_experiment_preset_wins_over_the_base_config(tmp_path, name):
+    """Every key a preset sets (its own body, and the bodies of the presets it extends) is
+    what the composed run gets: conf/config.yaml must not silently put its toy values back
+    (e.g. optim.lr 1e-4 over the paper's 1e-6)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from e2e import compose_cfg
+
+    def body(preset):
+        data = yaml.safe_load((REPO / "conf" / "experiment" / f"{preset}.yaml").read_text())
+        parents = [d for d in data.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+        merged = {}
+        for parent in parents:
+            merged.update(dict(_leaves(body(parent))))
+        merged.update(dict(_leaves({k: v for k, v in data.items() if k != "defaults"})))
+        return merged
+
+    cfg = OmegaConf.to_container(compose_cfg(tmp_path, f"experiment={name}", fast=False), resolve=False)
+    expected = body(name)
+    assert expected, name
+    for key, value in expected.items():
+        got = cfg
+        for part in key.split("."):
+            got = got[part]
+        assert got == value, f"{name}: {key} = {got!r}, the preset says {value!r}"

@@ -79,6 +79,8 @@ def build(cfg: DictConfig, out: Path, plan=None):
         name=cfg.teacher.get("name"),
     )
     evaluation = EvalCallback(**OmegaConf.to_container(cfg.eval, resolve=True))
+    if evaluation.every_n_steps or evaluation.at_start or evaluation.at_end:
+        datamodule.eval_max_new_tokens = evaluation.max_new_tokens
     callbacks = [teacher, evaluation]
     callbacks += diagnostics_callbacks(cfg.get("diagnostics"))
     if cfg.get("progress", True):

@@ -118,6 +118,9 @@ class RolloutDataModule(L.LightningDataModule):
         self.teacher_template_kwargs = dict(teacher_template_kwargs or {})
         self.records: list[dict[str, Any]] = []
         self.start_step = 0
+        # Longest response the run's engine will be asked for outside training (the in-training
+        # evaluation's budget, set by train.build): vLLM's context is sized for the longer one.
+        self.eval_max_new_tokens = 0
         self._engine = None
         self._teacher_prompts: dict[str, list[int]] = {}
         self.student_tokenizer = None
@@ -175,7 +178,8 @@ class RolloutDataModule(L.LightningDataModule):
             if self.spec.engine == "hf":
                 options.setdefault("batch_size", self.spec.gen_batch_size)
             elif self.spec.engine == "vllm" and options.get("max_model_len") is None:
-                options["max_model_len"] = self.spec.max_prompt_tokens + self.spec.max_new_tokens
+                budget = max(self.spec.max_new_tokens, self.eval_max_new_tokens)
+                options["max_model_len"] = self.spec.max_prompt_tokens + budget
             self._engine = build_engine(
                 self.spec.engine,
                 module.student,

@@ -42,6 +42,11 @@ class EvalCallback(L.Callback):
         self.evaluator = Evaluator(self.config)
         self.history: list[dict] = []
 
+    @property
+    def max_new_tokens(self) -> int:
+        """The longest response budget among the selected benchmarks (after ``eval.max_new_tokens``)."""
+        return max(self.settings.max_new_tokens or spec.max_new_tokens for spec in self.config.selected)
+
     def on_train_start(self, trainer, pl_module) -> None:
         if self.teacher_at_start:
             self._teacher(trainer, pl_module)
