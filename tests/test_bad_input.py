@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from e2e import compose_cfg
 from hydra.errors import MissingConfigException
 
-from e2e import compose_cfg
 from opd_lit.methods import ReleaseBIC
 from opd_lit.models import ModelPathError, check_same_vocabulary, load_tokenizer, resolve_model_path
 from opd_lit.train import run

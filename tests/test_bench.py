@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from e2e import REPO, compose_cfg, run_module
 
 KEYS = [
@@ -114,6 +113,7 @@ def test_make_bench_target_runs_the_module():
 
 def _rollout(seed=0, batch=5, prompt=7, resp=11, vocab=67):
     from conftest import random_rollout
+
     from opd_lit.batch import join_prompt_response
 
     p, pm, r, rm = random_rollout(batch, prompt, resp, vocab, seed=seed)
@@ -125,6 +125,7 @@ def _rollout(seed=0, batch=5, prompt=7, resp=11, vocab=67):
 def test_no_grad_scoring_in_place_matches_full_logits(vocab_chunk):
     import torch
     from conftest import tiny_qwen3
+
     from opd_lit.scoring import score_tokens
 
     model = tiny_qwen3()
@@ -161,6 +162,7 @@ def test_loss_paths_give_the_full_logit_gradients(tie, vocab_chunk):
     the forward) against autograd through full [B, T, V] logits: values and every gradient."""
     import torch
     from conftest import tiny_qwen3
+
     from opd_lit.scoring import fused_logprob_loss, score_tokens, score_tokens_full
 
     ids, am, r, rm = _rollout(3)
@@ -189,6 +191,7 @@ def test_loss_paths_give_the_full_logit_gradients(tie, vocab_chunk):
 def test_fused_loss_micro_batches_add_up_to_the_policy_gradient_loss():
     import torch
     from conftest import tiny_qwen3
+
     from opd_lit.objectives import policy_gradient_loss
     from opd_lit.scoring import fused_logprob_loss, score_tokens
 
@@ -209,6 +212,7 @@ def test_fused_loss_micro_batches_add_up_to_the_policy_gradient_loss():
 def test_grad_scoring_with_candidates_keeps_the_checkpointed_path():
     import torch
     from conftest import tiny_qwen3
+
     from opd_lit.scoring import score_tokens, score_tokens_full
 
     ids, am, r, rm = _rollout(6)
@@ -229,6 +233,7 @@ def test_background_segments_equal_the_synchronous_ones():
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
+
     from opd_lit.batch import right_pad
     from opd_lit.data.datamodule import BackgroundSegmentsBatch
     from opd_lit.release import segment_ids_batch

@@ -37,8 +37,9 @@ def test_vllm_context_fits_the_longer_of_training_and_evaluation_budgets(tmp_pat
     presets train at 16k new tokens and evaluate at 32k on the same engine)."""
     import types
 
-    import opd_lit.data.datamodule as dmod
     from e2e import compose_cfg
+
+    import opd_lit.data.datamodule as dmod
     from opd_lit.train import build
 
     seen = {}

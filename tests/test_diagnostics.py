@@ -446,6 +446,7 @@ def test_state_survives_a_resume(tmp_path):
 
 def test_conf_default_and_the_needs_of_a_method(tmp_path):
     from e2e import compose_cfg
+
     from opd_lit.methods import OPD
     from opd_lit.methods.base import ReleaseSpec
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from e2e import REPO, compose_cfg, mlflow_runs
+
 from opd_lit.train import run
 
 TOY_ASSETS = REPO / "src" / "opd_lit" / "toy" / "assets" / "manifest.json"

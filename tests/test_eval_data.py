@@ -22,6 +22,7 @@ from opd_lit.eval.benchmarks import (
     load_problems,
 )
 from opd_lit.eval.harness import Evaluator, parse_eval_config
+
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # what opd_lit.train uses
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "eval"
 BENCHMARKS = [

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import random_rollout, tiny_qwen3
+
 from opd_lit.batch import join_prompt_response
 from opd_lit.lookahead import (
     PrefillCapture,

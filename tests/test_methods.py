@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import random_rollout, tiny_qwen3
+
 from opd_lit.batch import RolloutBatch, join_prompt_response
 from opd_lit.lookahead import LookaheadResult, lookahead_max_prob_reference
 from opd_lit.methods import (
@@ -446,6 +446,7 @@ def test_bad_method_config_fails_before_any_model_loads(tmp_path, overrides, mat
 
 def _toy_run(tmp_path, *overrides):
     from e2e import compose_cfg, mlflow_runs
+
     from opd_lit.train import run
 
     cfg = compose_cfg(tmp_path, *overrides, "eval.at_start=false", "eval.at_end=false")

@@ -48,7 +48,7 @@ def test_ui_serves_runs_over_rest(tmp_path):
                 break
             except OSError:
                 if time.time() > deadline or proc.poll() is not None:
-                    raise AssertionError(f"MLflow UI did not come up: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else 'timeout'}")
+                    raise AssertionError(f"MLflow UI did not come up: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else 'timeout'}") from None
                 time.sleep(1)
         methods = sorted(
             next(t["value"] for t in r["data"]["tags"] if t["key"] == "method") for r in data["runs"]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from e2e import compose_cfg
 from reliability_kit import (  # noqa: F401 - tiny_pair is a fixture
     checkpoint_steps,

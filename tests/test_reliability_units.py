@@ -10,10 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from e2e import compose_cfg
 from omegaconf import OmegaConf
 
-from e2e import compose_cfg
-from opd_lit.checkpoint import CheckpointError, CheckpointStore, atomic_write, capture_rng, restore_rng
+from opd_lit.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    atomic_write,
+    capture_rng,
+    restore_rng,
+)
 from opd_lit.jobs import ResumeError, job_key, plan_job
 
 

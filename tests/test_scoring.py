@@ -1,6 +1,6 @@
 import torch
-
 from conftest import random_rollout, tiny_qwen3
+
 from opd_lit.batch import join_prompt_response
 from opd_lit.scoring import score_tokens, score_tokens_full
 

@@ -3,8 +3,8 @@
 import re
 
 import pytest
-
 from e2e import REPO, run_module
+
 from opd_lit.sweep import UnknownSweepError, available_sweeps, check_sweep_name, main
 
 EXPECTED_JOBS = {
@@ -70,9 +70,8 @@ def test_an_experiment_preset_wins_over_the_base_config(tmp_path, name):
     what the composed run gets: conf/config.yaml must not silently put its toy values back
     (e.g. optim.lr 1e-4 over the paper's 1e-6)."""
     import yaml
-    from omegaconf import OmegaConf
-
     from e2e import compose_cfg
+    from omegaconf import OmegaConf
 
     def body(preset):
         data = yaml.safe_load((REPO / "conf" / "experiment" / f"{preset}.yaml").read_text())

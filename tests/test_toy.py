@@ -12,7 +12,13 @@ import pytest
 from opd_lit.eval.graders import extract_boxed, grade_math
 from opd_lit.toy import task as T
 from opd_lit.toy.cache import ASSETS_DIR, ToyAssetError, toy_model_dir, verify_assets
-from opd_lit.toy.recipe import ROLES, default_recipe, recipe_hash, toy_eval_problems, toy_train_problems
+from opd_lit.toy.recipe import (
+    ROLES,
+    default_recipe,
+    recipe_hash,
+    toy_eval_problems,
+    toy_train_problems,
+)
 from opd_lit.toy.tokenizer import DEFAULT_SYSTEM_PROMPT, IM_END, IM_START, PAD_TOKEN
 
 P = T.DEFAULT_TASK

@@ -1,8 +1,8 @@
 """The real conf/ composed and run on the embedded toy (a few steps each)."""
 
 import pytest
-
 from e2e import FAST, REPO, compose_cfg, mlflow_runs, run_module
+
 from opd_lit.train import run
 
 STEP_METRICS = [

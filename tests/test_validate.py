@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from e2e import REPO, compose_cfg
-from opd_lit.validate import CHECKS, ConfigError, check_config, validate_config
+from omegaconf import OmegaConf
 from reliability_kit import tiny_pair  # noqa: F401 - fixture
+
+from opd_lit.validate import CHECKS, ConfigError, check_config, validate_config
 
 
 @pytest.fixture(scope="module")

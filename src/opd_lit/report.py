@@ -238,7 +238,7 @@ def to_markdown(table: Table) -> str:
     if table.failed:
         lines += ["", "Failed or unfinished jobs (not averaged):", ""]
         lines += [f"- {r.label} seed {r.seed}: {r.status} (run {r.run_id})" for r in table.failed]
-    lines += [f"", *[f"Note: {n}" for n in table.notes]]
+    lines += ["", *[f"Note: {n}" for n in table.notes]]
     return "\n".join(lines).rstrip() + "\n"
 
 

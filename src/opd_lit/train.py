@@ -14,7 +14,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,6 +22,7 @@ from opd_lit.diagnostics import diagnostics_callbacks
 from opd_lit.eval.callback import EvalCallback
 from opd_lit.jobs import job_key  # noqa: F401 - registers the ${job_key:} resolver
 from opd_lit.progress import StageProgressBar
+from opd_lit.settings import run_output_dir
 from opd_lit.teacher import TeacherCallback
 from opd_lit.tracking import build_loggers, check_tracking_reachable, tracking_uri
 
@@ -31,14 +31,7 @@ log = logging.getLogger("opd_lit.train")
 
 
 def output_dir(cfg: DictConfig) -> Path:
-    if cfg.get("output_dir"):
-        path = Path(cfg.output_dir)
-    elif HydraConfig.initialized():
-        path = Path(HydraConfig.get().runtime.output_dir)
-    else:
-        path = Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return run_output_dir(cfg, "outputs")
 
 
 def build(cfg: DictConfig, out: Path, plan=None):
@@ -49,7 +42,6 @@ def build(cfg: DictConfig, out: Path, plan=None):
     scheduler, RNG, step counters) when training starts, and the MLflow run is continued.
     """
     from opd_lit.checkpoint import CheckpointCallback, CheckpointError, CheckpointStore
-    from opd_lit.jobs import job_key
 
     datamodule = RolloutDataModule(
         data=OmegaConf.to_container(cfg.data, resolve=True),
@@ -127,7 +119,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration; returns a summary (also what the multirun sweeper sees)."""
     if cfg.get("dry_run"):
         return dry_run(cfg)
-    from opd_lit.jobs import job_key, plan_job, set_run_status
+    from opd_lit.jobs import plan_job, set_run_status
     from opd_lit.validate import validate_config
 
     # 1. Bad input fails here, before anything is written or loaded.

@@ -14,9 +14,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -29,6 +29,7 @@ from opd_lit.models import end_of_turn_ids, load_tokenizer, render_prompt
 from opd_lit.progress import set_stage
 from opd_lit.rollout import SamplingParams, build_engine
 from opd_lit.scoring import score_tokens
+from opd_lit.settings import spec_from
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,7 @@ class RolloutSpec:
     engine_options: dict[str, Any] | None = None
 
 
-def _spec(cls, values: dict[str, Any] | None, section: str):
-    values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{section}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-    return cls(**values)
+_spec = spec_from
 
 
 class StepBatchSampler(Sampler[list[int]]):

@@ -38,8 +38,8 @@ from opd_lit.diagnostics.case_study import (
     token_pieces,
 )
 from opd_lit.diagnostics.release_stats import SAMPLE_COLUMNS, release_sample_rows
-from opd_lit.objectives import opd_advantage
 from opd_lit.diagnostics.runs import local_run_dir, log_files, set_run_tag
+from opd_lit.objectives import opd_advantage
 
 log = logging.getLogger(__name__)
 

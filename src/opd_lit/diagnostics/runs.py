@@ -13,7 +13,6 @@ from pathlib import Path
 
 from opd_lit.tracking import tracking_uri
 
-
 # ---- writing: files with a run -----------------------------------------------------------
 
 

@@ -18,10 +18,10 @@ response cut off inside its reasoning has no final answer.
 from __future__ import annotations
 
 import random
-from fractions import Fraction
 import re
 import threading
 from dataclasses import dataclass
+from fractions import Fraction
 
 __all__ = [
     "Grade",

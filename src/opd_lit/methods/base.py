@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -21,6 +21,7 @@ from opd_lit.models import load_causal_lm
 from opd_lit.objectives import masked_mean, opd_advantage, policy_gradient_loss
 from opd_lit.progress import set_stage
 from opd_lit.scoring import score_tokens
+from opd_lit.settings import spec_from
 
 
 @dataclass(frozen=True)
@@ -101,13 +102,9 @@ SCHEDULES = ("constant", "cosine")
 
 def _spec(cls, values: dict[str, Any] | None, section: str):
     values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{section}: unknown key(s) {unknown}; allowed: {sorted(known)}")
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
-    return cls(**values)
+    return spec_from(cls, values, section)
 
 
 class NonFiniteError(RuntimeError):

@@ -8,7 +8,14 @@ Importing this package is light: torch/transformers load only when building.
 """
 
 from .cache import ToyAssetError, toy_model_dir, verify_assets
-from .recipe import ROLES, Recipe, default_recipe, recipe_hash, toy_eval_problems, toy_train_problems
+from .recipe import (
+    ROLES,
+    Recipe,
+    default_recipe,
+    recipe_hash,
+    toy_eval_problems,
+    toy_train_problems,
+)
 from .task import format_prompt, make_problems
 
 __all__ = [

@@ -39,7 +39,15 @@ from .cache import (
     verify_assets,
     verify_manifest,
 )
-from .recipe import ROLES, ModelParams, Recipe, TrainParams, default_recipe, recipe_dict, recipe_hash
+from .recipe import (
+    ROLES,
+    ModelParams,
+    Recipe,
+    TrainParams,
+    default_recipe,
+    recipe_dict,
+    recipe_hash,
+)
 from .task import format_prompt, make_problems
 from .tokenizer import IM_END, PAD_TOKEN, make_hf_tokenizer, train_tokenizer
 
@@ -202,7 +210,7 @@ def train_model(
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     examples = encode_sft(tokenizer, problems)
     decay, no_decay = [], []
-    for n, p in model.named_parameters():
+    for p in model.parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": tp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
