@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e import compose_cfg
+from e2e import REPO, compose_cfg
 from omegaconf import OmegaConf
 
 from opd_lit.checkpoint import (
@@ -134,8 +134,10 @@ def test_job_key_ignores_volatile_keys_only(tmp_path):
         assert job_key(compose_cfg(tmp_path, same)) == key, same
     for different in ("seed=1", "optim.lr=2.0e-3", "method=opd", "trainer.max_steps=3", "rollout.top_p=0.9"):
         assert job_key(compose_cfg(tmp_path, different)) != key, different
-    cfg = compose_cfg(tmp_path)
-    assert OmegaConf.select(cfg, "checkpoint.dir") == f"checkpoints/{key}"
+    # the tests route checkpoint.dir under tmp_path/checkpoints/${job_key:}; the default is the same
+    # directory relative to the working directory
+    assert OmegaConf.select(compose_cfg(tmp_path), "checkpoint.dir") == f"{tmp_path}/checkpoints/{key}"
+    assert "dir: checkpoints/${job_key:}" in (REPO / "conf" / "config.yaml").read_text()
 
 
 def make_run(db: Path, key: str, status: str, experiment: str = "opd_lit") -> str:

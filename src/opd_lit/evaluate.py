@@ -40,11 +40,9 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def _client(cfg: DictConfig):
-    from mlflow.tracking import MlflowClient
+    from opd_lit.tracking import mlflow_client  # the same URI rules as training
 
-    from opd_lit.tracking import tracking_uri  # the same URI rules as training
-
-    return MlflowClient(tracking_uri=tracking_uri(cfg.logger.get("tracking_uri")))
+    return mlflow_client(cfg.logger.get("tracking_uri"))
 
 
 def model_from_run(client, run_id: str) -> str:

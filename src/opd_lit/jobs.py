@@ -95,9 +95,9 @@ def resume_mode(cfg: DictConfig) -> str | bool:
 
 def find_job_runs(tracking_uri: str, experiment_name: str, key: str) -> list:
     """MLflow runs of ``experiment_name`` tagged ``job_key=key``, newest first."""
-    from mlflow.tracking import MlflowClient
+    from opd_lit.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment_name)
     if exp is None or exp.lifecycle_stage == "deleted":
         return []
@@ -111,9 +111,9 @@ def find_job_runs(tracking_uri: str, experiment_name: str, key: str) -> list:
 
 
 def set_run_status(tracking_uri: str, run_id: str, status: str) -> None:
-    from mlflow.tracking import MlflowClient
+    from opd_lit.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     if status == "RUNNING":
         client.update_run(run_id, status="RUNNING")
     else:

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from opd_lit.sweep import available_sweeps
-from opd_lit.tracking import tracking_uri
+from opd_lit.tracking import metric_history, tracking_uri
 
 PAPER = Path(__file__).with_name("paper_tables.yaml")
 SUMMARY_TAG = "opd_lit.summary"
@@ -95,8 +95,8 @@ def collect(client, runs) -> tuple[list[RunScores], list[RunScores]]:
             if kind in ("score", "accuracy"):
                 if kind == "score" or bench not in rs.scores:
                     rs.scores[bench] = value
-                history = client.get_metric_history(r.info.run_id, metric)
-                first = [m.value for m in history if m.step == 0]
+                history = metric_history(client, r.info.run_id, metric)
+                first = [v for step, v in history if step == 0]
                 if first and len(history) > 1:
                     rs.start[bench] = first[0]
             elif kind.startswith("teacher_"):
@@ -111,15 +111,14 @@ def collect(client, runs) -> tuple[list[RunScores], list[RunScores]]:
 
 def find_runs(name: str, uri: str):
     """The runs of sweep ``name`` (tag ``sweep``), else of the MLflow experiment ``name``."""
-    from mlflow.tracking import MlflowClient
+    from opd_lit.tracking import experiment_runs, mlflow_client
 
-    client = MlflowClient(tracking_uri=uri)
+    client = mlflow_client(uri)
     experiments = client.search_experiments()
     if name in available_sweeps():
-        ids = [e.experiment_id for e in experiments]
-        runs = client.search_runs(ids, filter_string=f"tags.sweep = '{name}'", max_results=50000) if ids else []
+        runs = experiment_runs(client, [e.experiment_id for e in experiments], f"tags.sweep = '{name}'")
     elif (exp := client.get_experiment_by_name(name)) is not None:
-        runs = client.search_runs([exp.experiment_id], max_results=50000)
+        runs = experiment_runs(client, [exp.experiment_id])
     else:
         raise ReportError(
             f"{name!r} is neither a sweep nor an MLflow experiment at {uri}. "

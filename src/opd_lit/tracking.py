@@ -1,7 +1,8 @@
 """Experiment tracking: MLflow by default (SQLite in the working directory), CSV as a fallback.
 
-The one place that knows how runs are written; :mod:`opd_lit.report` and the diagnostics read
-them back through :func:`tracking_uri`.
+The one place that knows how runs are written and read back: :func:`mlflow_client`,
+:func:`find_runs`, :func:`experiment_runs` (all pages) and :func:`metric_history` serve
+:mod:`opd_lit.report`, :mod:`opd_lit.diagnose`, :mod:`opd_lit.evaluate` and :mod:`opd_lit.jobs`.
 
 Failure handling:
 
@@ -45,6 +46,64 @@ class TrackingUnreachableError(ConnectionError):
 def tracking_uri(configured: str | None = None) -> str:
     """``logger.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+# ---- reading runs back (report, diagnose, evaluate, job planning) -------------------------
+
+def mlflow_client(uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(uri))
+
+
+def find_runs(client, run_ids=(), experiments=()) -> list:
+    """MLflow runs by id and/or every run of the named experiments (in that order, no
+    duplicates). An unknown id or experiment raises ``LookupError`` naming what exists."""
+    from mlflow.exceptions import MlflowException
+
+    runs, seen = [], set()
+    for rid in run_ids:
+        try:
+            run = client.get_run(rid)
+        except MlflowException as e:
+            raise LookupError(f"run_id={rid}: no such run at {client.tracking_uri} ({e.error_code})") from None
+        if run.info.run_id not in seen:
+            seen.add(run.info.run_id)
+            runs.append(run)
+    for name in experiments:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            names = sorted(e.name for e in client.search_experiments())
+            raise LookupError(f"experiment={name}: not found at {client.tracking_uri}; experiments: {names}")
+        for run in experiment_runs(client, [exp.experiment_id]):
+            if run.info.run_id not in seen:
+                seen.add(run.info.run_id)
+                runs.append(run)
+    return runs
+
+
+def experiment_runs(client, experiment_ids, filter_string: str = "") -> list:
+    """Every run of the experiments (matching ``filter_string``), newest first, all pages."""
+    out, token = [], None
+    if not experiment_ids:
+        return out
+    while True:
+        page = client.search_runs(list(experiment_ids), filter_string=filter_string, max_results=1000,
+                                  page_token=token, order_by=["attributes.start_time DESC"])
+        out.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return out
+
+
+def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``[(step, value)]`` sorted by step (the last value logged at a step wins)."""
+    by_step: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, key):
+        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
+            by_step[m.step] = (m.timestamp, float(m.value))
+    return [(s, v) for s, (_, v) in sorted(by_step.items())]
+
 
 
 def check_tracking_reachable(uri: str, timeout: float = 3.0) -> None:

@@ -1,7 +1,8 @@
-"""Storing diagnostics files with a run and reading runs back (MLflow or a ``logger=csv`` dir).
+"""Storing diagnostics files with a run and reading their files back (MLflow or a ``logger=csv`` dir).
 
-:mod:`opd_lit.tracking` writes runs; this module is where the diagnostics (and anything else
-that wants a run's metric histories or artifacts back) read them. It follows tracking's
+:mod:`opd_lit.tracking` writes runs and holds the MLflow readers (client, run search,
+metric histories), re-exported here; this module adds the diagnostics' files: logging them
+with a run, downloading an artifact directory, reading a CSV run's metrics. It follows tracking's
 convention: a logger with ``run_id`` and ``experiment`` is MLflow, anything else writes into
 its ``log_dir``.
 """
@@ -11,7 +12,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from opd_lit.tracking import tracking_uri
+from opd_lit.tracking import (  # noqa: F401 - the readers live in tracking; re-exported here
+    experiment_runs,
+    find_runs,
+    metric_history,
+    mlflow_client,
+)
 
 # ---- writing: files with a run -----------------------------------------------------------
 
@@ -49,59 +55,6 @@ def set_run_tag(loggers, key: str, value: str) -> None:
 
 
 # ---- reading: MLflow -----------------------------------------------------------------------
-
-
-def mlflow_client(uri: str | None = None):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri(uri))
-
-
-def find_runs(client, run_ids=(), experiments=()) -> list:
-    """MLflow runs by id and/or every run of the named experiments (in that order, no
-    duplicates). An unknown id or experiment raises ``LookupError`` naming what exists."""
-    from mlflow.exceptions import MlflowException
-
-    runs, seen = [], set()
-    for rid in run_ids:
-        try:
-            run = client.get_run(rid)
-        except MlflowException as e:
-            raise LookupError(f"run_id={rid}: no such run at {client.tracking_uri} ({e.error_code})") from None
-        if run.info.run_id not in seen:
-            seen.add(run.info.run_id)
-            runs.append(run)
-    for name in experiments:
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            names = sorted(e.name for e in client.search_experiments())
-            raise LookupError(f"experiment={name}: not found at {client.tracking_uri}; experiments: {names}")
-        for run in experiment_runs(client, [exp.experiment_id]):
-            if run.info.run_id not in seen:
-                seen.add(run.info.run_id)
-                runs.append(run)
-    return runs
-
-
-def experiment_runs(client, experiment_ids) -> list:
-    """Every run of the experiments, newest first (all pages)."""
-    out, token = [], None
-    while True:
-        page = client.search_runs(list(experiment_ids), max_results=1000, page_token=token,
-                                  order_by=["attributes.start_time DESC"])
-        out.extend(page)
-        token = getattr(page, "token", None)
-        if not token:
-            return out
-
-
-def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    """``[(step, value)]`` sorted by step (the last value logged at a step wins)."""
-    by_step: dict[int, tuple[int, float]] = {}
-    for m in client.get_metric_history(run_id, key):
-        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
-            by_step[m.step] = (m.timestamp, float(m.value))
-    return [(s, v) for s, (_, v) in sorted(by_step.items())]
 
 
 def download_artifact_dir(client, run_id: str, path: str, dst: str | Path) -> Path | None:
