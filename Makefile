@@ -22,7 +22,7 @@ setup:  ## create .venv with everything (CPU torch first), offline NLTK data, ve
 	$(PY) -m opd_lit.toy.build --verify
 
 test:  ## the whole suite (CPU, no network)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 train:  ## one run: make train ARGS="method=opd seed=1"
 	$(PY) -m opd_lit.train $(ARGS)
