@@ -212,35 +212,58 @@ def draw_release(rows: Sequence[dict], path: str | Path, step: int | None = None
 
 
 def draw_fixed_prefix(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """Figure 7: accuracy against kept fraction and diagnostic release position, per run."""
+    """Figure 7: accuracy against kept fraction and diagnostic release position.
+
+    Every run is a small point; fixed-prefix runs are grouped by their label (prefix length)
+    into a mean point, joined in order of the x value; every other method gets its own marker
+    and colour, with its mean over runs as a large marker.
+    """
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     fixed = [r for r in rows if r["method"] == "fixed_prefix"]
-    other = [r for r in rows if r["method"] != "fixed_prefix"]
+    other_labels = sorted({r["label"] for r in rows if r["method"] != "fixed_prefix"})
+    markers, colours = "*D^vPX", ["#c44e52", "#55a868", "#8172b2", "#ccb974", "#64b5cd", "#937860"]
     for ax, key, xlabel in (
         (axes[0], "kept_frac", "kept-token fraction (mean over training)"),
         (axes[1], "release_pos_frac", "diagnostic release position / length (mean)"),
     ):
-        pts = [(num(r[key]), num(r["accuracy"]), r) for r in fixed]
-        pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color="#4c72b0", label="fixed prefix")
-            for x, y, r in pts:
-                ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        for r in other:
-            x, y = num(r[key]), num(r["accuracy"])
-            if math.isfinite(x) and math.isfinite(y):
-                ax.plot([x], [y], "*", ms=13, color="#c44e52", label=r["label"])
+        def finite(rs, key=key):
+            pts = [(num(r[key]), num(r["accuracy"])) for r in rs]
+            return [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
+
+        groups: dict[str, list] = {}
+        for r in fixed:
+            groups.setdefault(r["label"], []).append(r)
+        means = []
+        for label, rs in groups.items():
+            pts = finite(rs)
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=4, alpha=0.35, color="#4c72b0")
+            mx, my = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
+            means.append((mx, my, label, len(pts)))
+        if means:
+            means.sort()
+            ax.plot([m[0] for m in means], [m[1] for m in means], "-o", color="#4c72b0",
+                    label="fixed prefix (mean over runs)")
+            for x, y, label, n in means:
+                ax.annotate(f"{label} (n={n})", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for i, label in enumerate(other_labels):
+            pts = finite([r for r in rows if r["method"] != "fixed_prefix" and r["label"] == label])
+            if not pts:
+                continue
+            m, c = markers[i % len(markers)], colours[i % len(colours)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], m, ms=6, alpha=0.4, color=c)
+            ax.plot([sum(p[0] for p in pts) / len(pts)], [sum(p[1] for p in pts) / len(pts)], m, ms=13,
+                    color=c, markeredgecolor="black", label=f"{label} (mean of {len(pts)})")
         if not ax.lines:
             _empty(ax, f"no run with both {key} and an accuracy")
         else:
-            handles, labels = ax.get_legend_handles_labels()
-            uniq = dict(zip(labels, handles))
-            ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+            ax.legend(fontsize=8)
         ax.margins(x=0.12, y=0.12)
         ax.set(xlabel=xlabel, ylabel="final accuracy (mean over benchmarks)")
     axes[0].set_title("(a) accuracy vs kept tokens")
     axes[1].set_title("(b) accuracy vs where the release rule would release")
-    fig.suptitle(title or "Figure 7: fixed prefix vs the release rule")
+    fig.suptitle(title or "Figure 7: fixed prefix vs the release rule (small points: single runs)")
     return _save(fig, path, WIDE)
 
 
