@@ -24,7 +24,6 @@ resume if the kill came before they reached the logger).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+
+from opd_lit.settings import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def atomic_write(path: Path, write) -> None:

@@ -1,7 +1,9 @@
-"""Small helpers shared by the entry points and the config-driven classes."""
+"""Small helpers shared across the package: dataclass specs from config sections, run
+directories, file hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -32,3 +34,12 @@ def run_output_dir(cfg, fallback_root: str = "outputs") -> Path:
         path = Path(fallback_root) / time.strftime("%Y-%m-%d/%H-%M-%S")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in ``block``-byte pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .rule import (
+from . import rule as _rule
+from .rule import (  # noqa: F401 - re-exported through __all__
     BIC_TIE_RTOL,
     LOGPROB_FLOOR,
     MASS_EPS,
@@ -45,29 +46,7 @@ _SEGMENT_NAMES = (
     "PUNKT_RESOURCE",
 )
 
-__all__ = [
-    "BIC_TIE_RTOL",
-    "LOGPROB_FLOOR",
-    "MASS_EPS",
-    "MEAN_TIE_RTOL",
-    "PUNKT_RESOURCE",
-    "RSS_EPS",
-    "SIGNALS",
-    "BatchRelease",
-    "ChangePoint",
-    "ReleaseResult",
-    "apply_release_tokens",
-    "bic_change_point",
-    "ensure_punkt",
-    "release_weights",
-    "release_weights_batch",
-    "segment_adv_std_scores",
-    "segment_ids_batch",
-    "segment_scores",
-    "sentence_segments",
-    "sentence_spans",
-    "teacher_margin",
-]
+__all__ = sorted([*_rule.__all__, *_SEGMENT_NAMES])
 
 
 def __getattr__(name: str) -> Any:

@@ -15,12 +15,13 @@ The manifest format (shipped ``manifest.json``; the cache keeps one per role):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable
+
+from opd_lit.settings import sha256_file
 
 from .recipe import ROLES, Recipe, recipe_hash
 
@@ -61,14 +62,6 @@ def cache_root() -> Path:
 
 def cache_dir(recipe: Recipe | None = None) -> Path:
     return cache_root() / "toy" / recipe_hash(recipe)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hash_files(root: Path, role: str) -> dict[str, str]:
