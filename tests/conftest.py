@@ -9,6 +9,9 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# Nothing in the suite may reach a model or dataset hub (CI has none): fail instead of fetching.
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -77,7 +77,7 @@ def _split(value: str | None) -> list[str]:
 
 
 def mlflow_record(client, run) -> RunRecord:
-    from opd_lit.diagnostics.runs import metric_history
+    from opd_lit.tracking import metric_history
 
     keys = [KEPT, RELEASE_POS, RESPONSE_LEN, *eval_metric_keys(list(run.data.metrics))]
     metrics = {k: metric_history(client, run.info.run_id, k) for k in keys if k in run.data.metrics}
@@ -190,7 +190,7 @@ def diagnose(opts: dict[str, str], echo=print) -> dict:
         import os
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        from opd_lit.diagnostics.runs import experiment_runs, find_runs, mlflow_client
+        from opd_lit.tracking import experiment_runs, find_runs, mlflow_client
 
         client = mlflow_client(opts.get("tracking_uri"))
         try:

@@ -1,7 +1,7 @@
 """Storing diagnostics files with a run and reading their files back (MLflow or a ``logger=csv`` dir).
 
 :mod:`opd_lit.tracking` writes runs and holds the MLflow readers (client, run search,
-metric histories), re-exported here; this module adds the diagnostics' files: logging them
+metric histories); this module adds the diagnostics' files: logging them
 with a run, downloading an artifact directory, reading a CSV run's metrics. It follows tracking's
 convention: a logger with ``run_id`` and ``experiment`` is MLflow, anything else writes into
 its ``log_dir``.
@@ -11,13 +11,6 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-
-from opd_lit.tracking import (  # noqa: F401 - the readers live in tracking; re-exported here
-    experiment_runs,
-    find_runs,
-    metric_history,
-    mlflow_client,
-)
 
 # ---- writing: files with a run -----------------------------------------------------------
 
