@@ -254,6 +254,9 @@ class DistillModule(L.LightningModule):
         )
 
     def on_fit_start(self) -> None:
+        for lg in self.trainer.loggers:  # rank 0 only (the others' loggers write nothing)
+            if getattr(lg, "run_id", None) and self.trainer.is_global_zero:
+                lg.experiment.set_tag(lg.run_id, "world_size", str(self.trainer.world_size))
         if self.trainer.world_size > 1:
             # every rank samples its own rollouts: give each its own random stream (a resumed
             # run then restores each rank's saved state)
