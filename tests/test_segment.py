@@ -448,3 +448,11 @@ def test_cli_install_punkt(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "punkt_tab" in proc.stdout and "english" in proc.stdout
+
+
+def test_every_public_name_of_the_package_resolves():
+    import opd_lit.release as release
+
+    for name in release.__all__:
+        assert getattr(release, name) is not None, name
+    assert release.SEGMENTERS[0] == release.DEFAULT_SEGMENTER == "structured"

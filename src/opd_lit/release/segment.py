@@ -52,20 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = [
-    "DEFAULT_SEGMENTER",
-    "DISPLAY_ENVIRONMENTS",
-    "PUNKT_RESOURCE",
-    "SEGMENTERS",
-    "SEGMENT_COUNT_QUANTILES",
-    "check_segmenter",
-    "ensure_punkt",
-    "segment_count_stats",
-    "segment_ids_batch",
-    "segment_starts",
-    "sentence_segments",
-    "sentence_spans",
-]
+# The public names are listed once, in the package: opd_lit.release._SEGMENT_NAMES.
 
 PUNKT_RESOURCE = "tokenizers/punkt_tab/english/"
 _PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
