@@ -31,12 +31,12 @@ resume if the kill came before they reached the logger).
 from __future__ import annotations
 
 import errno
-import shutil
 import json
 import logging
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import threading

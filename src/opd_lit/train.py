@@ -20,8 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from opd_lit.data import RolloutDataModule
-from opd_lit.dist import is_launch_rank_zero
 from opd_lit.diagnostics import diagnostics_callbacks
+from opd_lit.dist import is_launch_rank_zero
 from opd_lit.eval.callback import EvalCallback
 from opd_lit.jobs import job_key  # noqa: F401 - registers the ${job_key:} resolver
 from opd_lit.progress import StageProgressBar
