@@ -83,6 +83,15 @@ def test_bench_without_vllm_reports_null_with_a_note(monkeypatch, tmp_path):
     assert any("vLLM is not installed" in n for n in b.notes)
 
 
+def test_fsdp_part_times_an_fsdp2_update(tmp_path):
+    """The part `make gpu-check` runs for the 1.7B shape, on the toy student and the CPU."""
+    proc = run_module("opd_lit.bench", "bench.parts=fsdp", "bench.reps=1", f"bench.out={tmp_path / 'b.json'}",
+                      cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert out["fsdp_train_tok_s"] > 0 and out["fsdp_train_s"] > 0 and out["fsdp_train_mfu"] is None  # no GPU
+
+
 def test_trainer_fsdp_and_ddp_compose_and_build_their_strategies(tmp_path):
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import DDPStrategy

@@ -118,7 +118,7 @@ def build(cfg: DictConfig, out: Path, plan=None):
             for attr in ("at_start", "teacher_at_start"):
                 if isinstance(getattr(cb, attr, None), bool):
                     setattr(cb, attr, False)
-        log.info("resuming job %s at step %d from %s", key, info.step, info.path)
+        log.debug("resuming job %s at step %d from %s", key, info.step, info.path)
     callbacks.append(
         CheckpointCallback(store, every_n_steps=ckpt_cfg.get("every_n_steps", 0), resume=payload)
     )
@@ -380,11 +380,30 @@ def print_summary(summary: dict[str, Any]) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_logs()
     launcher_env = {k: os.environ.get(k) for k in LAUNCH_ENV}
     try:
         return run(cfg)
     finally:
         end_process_group(launcher_env)
+
+
+def quiet_logs() -> None:
+    """One line per event that matters: progress lives in the rich bar, results in the summary
+    table, details at DEBUG (``hydra.verbose=opd_lit`` shows them). Libraries speak at WARNING
+    (Lightning's device banner and tips, MLflow's store messages, transformers' loading bars),
+    and ranks other than 0 only at WARNING."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+    for name in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+    if not is_launch_rank_zero():
+        logging.getLogger("opd_lit").setLevel(logging.WARNING)
 
 
 # What Lightning's launcher writes into the environment of the process that starts the ranks;

@@ -215,7 +215,7 @@ class Evaluator:
             self.benchmarks[spec.name] = load_benchmark(
                 spec, limit=self.settings.num_problems, skip_bad_rows=self.settings.skip_bad_rows
             )
-            log.info("benchmark %s: %d problems", spec.name, len(self.benchmarks[spec.name].problems))
+            log.debug("benchmark %s: %d problems", spec.name, len(self.benchmarks[spec.name].problems))
 
     # -- sampling settings, with the global overrides --
     def samples(self, spec: BenchmarkSpec) -> int:
@@ -281,7 +281,7 @@ class Evaluator:
                 if on_progress is not None:
                     on_progress(name, done, len(units))
             results[name] = self._grade(bench, rows, t0)
-            log.info("%s: score %.4f (%d problems x %d samples, %.1fs)", name, results[name].score,
+            log.debug("%s: score %.4f (%d problems x %d samples, %.1fs)", name, results[name].score,
                      results[name].num_problems, n, results[name].seconds)
         return self._result(results, time.perf_counter() - t_all)
 
