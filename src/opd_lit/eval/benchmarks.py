@@ -35,14 +35,17 @@ import io
 import json
 import logging
 import pickle
+import random
 import re
 import zlib
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
 from opd_lit.eval import programs
 from opd_lit.eval.graders import (
+    REL_TOL,
     Grade,
     extract_code,
     format_choices,
@@ -51,7 +54,7 @@ from opd_lit.eval.graders import (
     shuffle_choices,
     strip_thinking,
 )
-from opd_lit.eval.sandbox import SandboxLimits
+from opd_lit.eval.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class BenchmarkSpec:
     grader: str
     title: str | None = None
     path: str | None = None
-    format: str | None = None  # jsonl | json | parquet | csv; None = from the file suffix
+    format: str | None = None  # jsonl | json | parquet | csv: forced; None = by file suffix
     fields: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # where the public copy comes from (documentation only)
     prompt_template: str | None = None  # None = the task's default
@@ -99,6 +102,9 @@ class BenchmarkSpec:
     strip_thinking: bool = True  # grade only the text after </think>
     seed: int = 0  # multiple_choice: option shuffling
     timeout_s: float | None = None  # code: wall clock per program run (None = eval.sandbox)
+    rel_tol: float = REL_TOL  # math: relative tolerance for decimal gold answers
+    max_problems: int | None = None  # at most this many problems (after subset_seed's shuffle)
+    subset_seed: int | None = None  # shuffle the problems with this seed before max_problems
     date_from: str | None = None  # livecodebench: keep problems with date >= this (ISO)
     date_to: str | None = None  # livecodebench: ... and <= this
     alias: str | None = None  # also log eval/<name>/<alias> (and teacher_<alias>)
@@ -142,6 +148,10 @@ class BenchmarkSpec:
             raise ValueError(f"{where}.samples={self.samples}: must be >= 1")
         if self.max_new_tokens < 1:
             raise ValueError(f"{where}.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.max_problems is not None and self.max_problems < 1:
+            raise ValueError(f"{where}.max_problems={self.max_problems}: must be >= 1 (or null for all)")
+        if not 0 <= self.rel_tol < 1:
+            raise ValueError(f"{where}.rel_tol={self.rel_tol}: must be in [0, 1)")
         for key in ("date_from", "date_to"):
             value = getattr(self, key)
             if value is not None:
@@ -296,7 +306,9 @@ class Task:
         return None
 
     def grade(self, problem: Problem, spec: BenchmarkSpec, sample: int, response: str,
-              sandbox: SandboxLimits) -> Grade:
+              sandbox: Sandbox | None, truncated: bool | None = None) -> Grade:
+        """``sandbox``: where code tasks run programs (None for the others); ``truncated``:
+        the response was cut at its token budget (None: not known)."""
         raise NotImplementedError
 
 
@@ -305,6 +317,8 @@ class MathTask(Task):
     fields = {
         "problem": (True, "the problem statement"),
         "answer": (True, "the gold final answer (a \\boxed{} answer inside a solution also works)"),
+        "difficulty": (False, "a difficulty rating, kept in the records (DeepMath-103K)"),
+        "topic": (False, "a topic label, kept in the records (DeepMath-103K)"),
         "id": (False, "the problem id"),
     }
     default_template = (
@@ -313,7 +327,11 @@ class MathTask(Task):
 
     def parse(self, row, spec):
         f = spec.fields
-        return {"problem": _text(row, f["problem"], "problem"), "answer": _text(row, f["answer"], "answer").strip()}
+        data = {"problem": _text(row, f["problem"], "problem"), "answer": _text(row, f["answer"], "answer").strip()}
+        for role in ("difficulty", "topic"):
+            if f.get(role):
+                data[role] = row.get(f[role])
+        return data
 
     def user_text(self, problem, spec, sample):
         return _fill(spec.prompt_template or self.default_template, problem=problem.data["problem"])
@@ -321,8 +339,8 @@ class MathTask(Task):
     def gold(self, problem, spec, sample):
         return problem.data["answer"]
 
-    def grade(self, problem, spec, sample, response, sandbox):
-        return grade_math_detail(response, problem.data["answer"])
+    def grade(self, problem, spec, sample, response, sandbox, truncated=None):
+        return grade_math_detail(response, problem.data["answer"], rel_tol=spec.rel_tol)
 
 
 class ToyTask(MathTask):
@@ -382,9 +400,9 @@ class ChoiceTask(Task):
     def gold(self, problem, spec, sample):
         return self._options(problem, spec, sample)[1]
 
-    def grade(self, problem, spec, sample, response, sandbox):
+    def grade(self, problem, spec, sample, response, sandbox, truncated=None):
         options, letter = self._options(problem, spec, sample)
-        return grade_choice(response, letter, len(options))
+        return grade_choice(response, letter, len(options), truncated=truncated)
 
 
 class HumanEvalTask(Task):
@@ -415,7 +433,7 @@ class HumanEvalTask(Task):
     def user_text(self, problem, spec, sample):
         return _fill(spec.prompt_template or self.default_template, prompt=problem.data["prompt"])
 
-    def grade(self, problem, spec, sample, response, sandbox):
+    def grade(self, problem, spec, sample, response, sandbox, truncated=None):
         code = extract_code(response, problem.data["entry_point"])
         return programs.run_humaneval(code, problem.data, sandbox, spec.timeout_s)
 
@@ -455,7 +473,7 @@ class MBPPTask(Task):
             text=problem.data["text"], tests="\n".join(problem.data["tests"]),
         )
 
-    def grade(self, problem, spec, sample, response, sandbox):
+    def grade(self, problem, spec, sample, response, sandbox, truncated=None):
         code = extract_code(response, problem.data.get("entry_point"))
         return programs.run_mbpp(code, problem.data, sandbox, spec.timeout_s)
 
@@ -518,7 +536,7 @@ class LiveCodeBenchTask(Task):
         fmt = _fill(LCB_STARTER, starter_code=d["starter_code"].rstrip()) if d["starter_code"].strip() else LCB_STDIN
         return _fill(spec.prompt_template or self.default_template, question=d["question"], format=fmt)
 
-    def grade(self, problem, spec, sample, response, sandbox):
+    def grade(self, problem, spec, sample, response, sandbox, truncated=None):
         code = extract_code(response, problem.data.get("func_name"))
         return programs.run_livecodebench(code, problem.data, sandbox, spec.timeout_s)
 
@@ -541,7 +559,7 @@ def expected_schema(spec: BenchmarkSpec) -> str:
             continue
         cols = ", ".join(repr(c) for c in column) if isinstance(column, (list, tuple)) else repr(column)
         parts.append(f"{cols} ({what}{'' if required else ', optional'})")
-    fmt = spec.format or "by suffix"
+    fmt = spec.format or "/".join(FORMATS)
     return f"a {fmt} file with fields " + "; ".join(parts)
 
 
@@ -553,7 +571,13 @@ def _point_at(spec: BenchmarkSpec) -> str:
     )
 
 
+def _format_of(path: Path) -> str | None:
+    return next((k for k, sfx in FORMATS.items() if any(path.name.endswith(x) for x in sfx)), None)
+
+
 def data_files(spec: BenchmarkSpec) -> tuple[str, list[Path]]:
+    """The format and the files of a benchmark: ``eval.<name>.format`` when set, else each
+    file's suffix (a directory must hold one format)."""
     path = Path(str(spec.path)).expanduser()
     if not path.exists():
         raise BenchmarkFileNotFound(
@@ -569,14 +593,21 @@ def data_files(spec: BenchmarkSpec) -> tuple[str, list[Path]]:
         )
         if not files:
             raise BenchmarkFileNotFound(
-                f"benchmark {spec.name!r}: no {spec.format or 'data'} files under {path}. "
+                f"benchmark {spec.name!r}: no {spec.format or '/'.join(FORMATS)} files under {path}. "
                 f"Expected {expected_schema(spec)}. " + _point_at(spec) + "."
             )
     else:
         files = [path]
+        by_suffix = _format_of(path)
+        if spec.format is not None and by_suffix not in (None, spec.format):
+            raise BenchmarkDataError(
+                f"benchmark {spec.name!r}: {path} is a {by_suffix} file by its suffix, but "
+                f"eval.{spec.name}.format={spec.format} forces {spec.format}; set "
+                f"eval.{spec.name}.format=null to read files by their suffix"
+            )
     fmt = spec.format
     if fmt is None:
-        kinds = {k for p in files for k, sfx in FORMATS.items() if any(p.name.endswith(s) for s in sfx)}
+        kinds = {_format_of(p) for p in files} - {None}
         if len(kinds) != 1:
             raise BenchmarkDataError(
                 f"benchmark {spec.name!r}: cannot tell the format of {path} (set eval.{spec.name}.format "
@@ -636,7 +667,7 @@ def _columns_needed(spec: BenchmarkSpec) -> list[str]:
     out = []
     for role, (required, _) in task.fields.items():
         column = spec.fields.get(role)
-        if column is None or not required and role != "id":
+        if column is None or not required:
             continue
         out.extend(column if isinstance(column, (list, tuple)) else [column])
     return out
@@ -664,12 +695,14 @@ def load_problems(spec: BenchmarkSpec, *, limit: int | None = None, skip_bad_row
         ]
     fmt, files = data_files(spec)
     needed = _columns_needed(spec)
+    row_order: dict[str, int] = {}
     problems: list[Problem] = []
     bad: list[tuple[str, str]] = []
     seen: dict[str, str] = {}
     index = 0
     id_col = spec.fields.get("id")
     keys_seen: set[str] = set()
+    parsed: list[tuple[str, int, dict, Any]] = []
     for path in files:
         if fmt == "jsonl":
             columns, rows = None, _read_jsonl(path)
@@ -684,26 +717,33 @@ def load_problems(spec: BenchmarkSpec, *, limit: int | None = None, skip_bad_row
         for where, row, error in rows:
             position = index
             index += 1
+            row_order[where] = position
             if error is not None:
                 bad.append((where, error))
                 continue
             if columns is None:
                 keys_seen.update(row)
             try:
-                data = task.parse(row, spec)
-                if id_col:
-                    if row.get(id_col) is None:
-                        raise RowError(f"missing id (field {id_col!r})")
-                    pid = str(row[id_col])
-                else:
-                    pid = str(position)
-                if pid in seen:
-                    raise RowError(f"duplicate id {pid!r} (first at {seen[pid]})")
+                parsed.append((where, position, task.parse(row, spec), row.get(id_col) if id_col else None))
             except RowError as e:
                 bad.append((where, str(e)))
-                continue
-            seen[pid] = where
-            problems.append(Problem(pid, data, where))
+    # The id field is optional in the file: a copy without it (none of its rows has it) is
+    # numbered 0.. in file order; a copy where only some rows lack it is malformed.
+    use_ids = bool(id_col) and any(raw is not None for *_, raw in parsed)
+    if id_col and not use_ids and parsed:
+        log.warning("benchmark %s: no row of %s has the id field %r; problems are numbered 0.. "
+                    "in file order", spec.name, spec.path, id_col)
+    for where, position, data, raw in parsed:
+        if use_ids and raw is None:
+            bad.append((where, f"missing id (field {id_col!r})"))
+            continue
+        pid = str(raw) if use_ids else str(position)
+        if pid in seen:
+            bad.append((where, f"duplicate id {pid!r} (first at {seen[pid]})"))
+            continue
+        seen[pid] = where
+        problems.append(Problem(pid, data, where))
+    bad.sort(key=lambda b: row_order.get(b[0], 0))
     if fmt == "jsonl" and not problems and bad and keys_seen:
         # No row parsed: more likely a wrong field mapping than bad rows; name what exists.
         missing = [c for c in needed if c not in keys_seen]
@@ -732,6 +772,11 @@ def load_problems(spec: BenchmarkSpec, *, limit: int | None = None, skip_bad_row
         log.info("benchmark %s: %d of %d problems dated %s..%s", spec.name, len(kept), len(problems),
                  spec.date_from or "", spec.date_to or "")
         problems = kept
+    if spec.subset_seed is not None:
+        problems = list(problems)
+        random.Random(f"opd_lit.subset/{spec.subset_seed}").shuffle(problems)
+    if spec.max_problems is not None:
+        problems = problems[: spec.max_problems]
     if not problems:
         raise BenchmarkDataError(
             f"benchmark {spec.name!r}: no usable problems in {spec.path}"
@@ -767,11 +812,34 @@ class Benchmark:
     def gold(self, problem: Problem, sample: int) -> str | None:
         return self.task.gold(problem, self.spec, sample)
 
-    def grade(self, problem: Problem, sample: int, response: str, sandbox: SandboxLimits) -> Grade:
+    def grade(self, problem: Problem, sample: int, response: str, sandbox: Sandbox | None = None,
+              truncated: bool | None = None) -> Grade:
         text = strip_thinking(response) if self.spec.strip_thinking else response
         if not text.strip():
             return Grade(False, None, "no final answer (empty, or cut off while thinking)")
-        return self.task.grade(problem, self.spec, sample, text, sandbox)
+        if self.task.grader == "code" and sandbox is None:
+            raise ValueError(f"benchmark {self.name!r} runs programs: it needs a Sandbox")
+        return self.task.grade(problem, self.spec, sample, text, sandbox, truncated)
+
+
+CONF_EVAL = Path(__file__).resolve().parents[3] / "conf" / "eval"
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, str | None]:
+    """Every benchmark defined in ``conf/eval/*.yaml``: name -> title."""
+    import yaml
+
+    out: dict[str, str | None] = {}
+    for path in sorted(CONF_EVAL.glob("*.yaml")):
+        try:
+            node = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        for name, value in node.items():
+            if isinstance(value, dict) and "task" in value:
+                out[str(name)] = value.get("title")
+    return out
 
 
 def load_benchmark(spec: BenchmarkSpec, *, limit: int | None = None, skip_bad_rows: bool = False) -> Benchmark:
