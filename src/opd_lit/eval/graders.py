@@ -166,6 +166,7 @@ _PLAIN = re.compile(rf"^{_MANT}$")
 _SLASH = re.compile(rf"^({_MANT})/({_MANT})$")
 _FRAC_SHORT = re.compile(r"^\\frac(\d)(\d)$")
 _MIXED = re.compile(r"^(\d+)\\frac\{(\d+)\}\{(\d+)\}$")  # 3\frac{1}{2} = 7/2
+_REPEATING = re.compile(r"^(\d*)\.(\d*)\\(?:overline|bar)\{(\d+)\}$")  # 1.\overline{6} = 5/3
 MAX_EXPONENT = 400
 
 
@@ -203,9 +204,16 @@ def _exponent(m: re.Match, first: int) -> int | None:
     return e if abs(e) <= MAX_EXPONENT else None
 
 
+_NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen twenty".split())}
+
+
 def parse_number(text: str) -> Number | None:
     """The number an answer writes (see the module doc for the forms), or None."""
     s = _normalize(str(text))
+    if s.casefold() in _NUMBER_WORDS:
+        return Number(Fraction(_NUMBER_WORDS[s.casefold()]), exact=True)
     if not s or len(s) > 200:
         return None
     percent = False
@@ -239,6 +247,12 @@ def _unsigned(s: str) -> Number | None:
     if m:
         exp = _exponent(m, 0)
         return None if exp is None else Number(Fraction(10) ** exp, exact=True)
+    m = _REPEATING.match(s)
+    if m:
+        whole, fixed, rep = m.group(1) or "0", m.group(2), m.group(3)
+        value = Fraction(f"{whole}.{fixed}" if fixed else whole)
+        value += Fraction(int(rep), (10 ** len(rep) - 1) * 10 ** len(fixed))
+        return Number(value, exact=True)
     m = _MIXED.match(s)
     if m and 0 < int(m.group(2)) < int(m.group(3)):
         return Number(int(m.group(1)) + Fraction(int(m.group(2)), int(m.group(3))), exact=True)
@@ -389,23 +403,32 @@ def _symbolic_value(pred: str, timeout: float) -> Number | None:
         return None
 
 
-_WORD = re.compile(r"^[A-Za-z][A-Za-z '\-]*$")
+_WORD = re.compile(r"^[A-Za-z][A-Za-z '\-]*[A-Za-z]$")  # two letters or more: e, x, i are math
 _WORD_HEDGE = re.compile(r"\bor\b|\\lor", re.I)
 
 
 def _as_word(s: str) -> str | None:
     t = _normalize(s)
-    t = re.sub(r"^\((\w)\)$", r"\1", t)
-    return t.casefold() if _WORD.match(t.replace("\\", "")) else None
+    t = re.sub(r"^\(([A-Za-z])\)$", r"\1", t)  # "(B)", a multiple-choice answer in MATH
+    if re.fullmatch(r"[A-Z]", t):
+        return t.casefold()
+    return t.casefold() if _WORD.match(t) else None
 
 
 def _answers_equal(pred: str, gold: str, rel_tol: float, timeout_s: float) -> bool:
     g = parse_number(gold)
     if g is not None:
         p = parse_number(pred)
+        if p is None and _WORD_HEDGE.search(pred):
+            # "3 or 4" is a hedge; "\frac{1}{2} or 0.5" is one value written twice
+            parts = [parse_number(x) for x in re.split(r"\\text\{\s*or\s*\}|\bor\b|\\lor", pred)]
+            if len(parts) < 2 or any(x is None for x in parts) or not all(
+                    numbers_match(x, parts[0], 0.0) for x in parts[1:]):
+                return False
+            p = parts[0]
         if p is None:
-            if _WORD_HEDGE.search(pred) or not re.search(r"[\d\\]", pred):
-                return False  # "3 or 4", or words: not a number
+            if not re.search(r"[\d\\]", pred):
+                return False  # words, not a number
             p = _symbolic_value(pred, timeout_s)
         return p is not None and numbers_match(p, g, rel_tol)
     word = _as_word(gold)
@@ -471,9 +494,9 @@ def format_choices(options: list[str]) -> str:
 _MARKERS = re.compile(
     r"\\boxed\s*\{"
     r"|\bfinal\s+answer\b\s*(?:is\s*:?|:|=)?"
-    r"|\b(?:correct\s+|right\s+|best\s+)?answer\s*(?:is\s*:?|:|=)"
+    r"|\b(?:correct\s+|right\s+|best\s+)?answer\s*(?:is\s*:?|:|=|-|–)"
     r"|\bthe\s+(?:correct|right|best|final)\s+(?:option|choice)\s*(?:is\s*:?|:)"
-    r"|\bI\s+(?:choose|pick|select|go\s+with)\b",
+    r"|\bI(?:'d|'ll|\s+would|\s+will)?\s+(?:choose|pick|select|go\s+with)\b",
     re.I,
 )
 # Where the clause of an answer statement ends: a line or sentence end, or an explanation.
@@ -503,49 +526,67 @@ def _letters_in(clause: str, letters: str) -> list[str]:
 # After the final statement: taking it back ("Actually any of A-D", "or possibly C").
 _TAIL_HEDGE = re.compile(
     r"\b(?i:any|either|both)\s+(?i:of\s+)?(?:(?i:the\s+(?:options|choices|answers))|\(?[A-Z]\)?(?![A-Za-z]))"
-    r"|\b(?i:maybe|possibly|perhaps|could\s+(?:also\s+)?be|might\s+(?:also\s+)?be)\s+"
+    r"|\b(?i:maybe|possibly|perhaps|(?:could|might|would)\s+(?:also\s+)?be)\s+"
     r"(?i:option\s+)?\(?[A-Z]\)?(?![A-Za-z])"
 )
 
 
-def _final_statement(text: str, letters: str) -> tuple[list[str], int] | None:
-    """The letters named by the last answer statement that names one (``[]`` when that
-    statement names a letter that is not an option) and where its clause ends; None when
-    no statement names any."""
+# "B is correct", "option B is the right one", "**C** is the answer": the letter comes first.
+_LETTER_FIRST = re.compile(
+    r"(?<![A-Za-z'])(?:(?i:option|choice)\s+)?[(*\[]*([A-Z])[)*\]]*\s+(?i:is)\s+"
+    r"(?i:the\s+)?(?i:correct|right|best|true|answer)\b"
+)
+
+
+def _statements(text: str, letters: str):
+    """``(letters named, start, marker end, clause end)`` of every answer statement that
+    names a letter, the last first (letters ``[]``: it names a letter that is not an option)."""
     boxes = dict(_boxes(text))
-    for m in reversed(list(_MARKERS.finditer(text))):
+    limit = len(text)  # a statement's clause ends where the next statement starts
+    marks = sorted([*_MARKERS.finditer(text), *_LETTER_FIRST.finditer(text)], key=lambda m: m.start())
+    for m in reversed(marks):
+        if m.re is _LETTER_FIRST:
+            if m.group(1) in letters:
+                yield [m.group(1)], m.start(), m.start(), m.end()
+            limit = m.start()
+            continue
         if m.group().startswith("\\boxed"):
             if m.end() not in boxes:
                 continue  # an unterminated box
             clause, stop = text[m.end() : boxes[m.end()]], boxes[m.end()] + 1
         else:
-            rest = text[m.end():].lstrip(" \t*:_-")
+            rest = text[m.end() : max(limit, m.end())].lstrip(" \t*:_-")
             if rest.startswith("\n"):  # "Answer:\n\nD"
                 rest = rest.lstrip()
             end = _CLAUSE_END.search(rest)
             clause = (rest[: end.start()] if end else rest)[:120]
-            stop = len(text) - len(rest) + len(clause)
+            stop = max(limit, m.end()) - len(rest) + len(clause)
+        limit = m.start()
         named = _letters_in(clause, letters)
         if named:
-            return named, stop
-        if re.fullmatch(r"[\s*(\[{]*(?:\\text\{)?[A-Z](?:\})?[\s*)\]}.]*", clause):
-            return [], stop  # "Answer: E" with four options
-    return None
+            yield named, m.start(), m.end(), stop
+        elif re.fullmatch(r"[\s*(\[{]*(?:\\text\{)?[A-Z](?:\})?[\s*)\]}.]*", clause):
+            yield [], m.start(), m.end(), stop  # "Answer: E" with four options
 
 
 def extract_choice(text: str, num_options: int = 4) -> str | None:
     """The one option the response's final answer names, or None (none, or a hedge)."""
     letters = LETTERS[:num_options]
-    final = _final_statement(text, letters)
+    found = _statements(text, letters)
+    final = next(found, None)
     if final is None:
         lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
         if not lines:
             return None
         m = re.fullmatch(rf"[\*\(\s\[]*(?i:option\s*)?([{letters}{letters.lower()}])[\*\)\]\.\s]*", lines[-1])
         return m.group(1).upper() if m else None
-    named, stop = final
+    named, start, _, stop = final
     if len(set(named)) != 1 or _TAIL_HEDGE.search(text[stop:]):
         return None  # no option, several options, or taken back afterwards
+    before = next(found, None)
+    if (before is not None and set(before[0]) != set(named)
+            and not re.search(r"[A-Za-z]{2}", text[before[2]:start])):
+        return None  # two different answers back to back ("Answer: A\n\n\\boxed{B}")
     return named[0]
 
 

@@ -269,7 +269,8 @@ def _functional(code: str, problem: dict[str, Any], tests: list[dict], sandbox: 
     finally:
         os.close(r_req)
         os.close(w_rep)
-    caller = wire.Caller(wire.Writer(w_req), wire.Reader(r_rep), unref=_Handle)
+    caller = wire.Caller(wire.Writer(w_req), wire.Reader(r_rep), unref=_Handle,
+                         mirror=lambda value, name: value)
     i = -1
     try:
         caller.ready(timeout=timeout_s)

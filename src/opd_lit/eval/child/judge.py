@@ -1,7 +1,8 @@
 """The trusted side of a function benchmark: ``judge.py REQUEST_FD REPLY_FD REPORT_FD``.
 
 Reads its job (JSON) from stdin: ``nonce``, ``prelude`` (the benchmark's own code that the
-tests expect: HumanEval's prompt with its helpers, MBPP's setup code), ``tests`` (a list of
+tests expect: HumanEval's prompt with its helpers, MBPP's setup code; an object it defines
+is passed to the candidate by name, for the candidate runs the same setup code), ``tests`` (a list of
 code snippets, each one test) and ``call`` (an expression run after each snippet, e.g.
 ``check(candidate)``; empty for plain asserts). The tests run here, in this process, which
 the candidate cannot see; every name a test uses that the prelude does not define is a
@@ -55,13 +56,29 @@ def main():
         def __repr__(self):
             return f"<candidate object {self._id}>"
 
+    mirrors = {}
+
+    def mirror(value, name):
+        """A candidate's namedtuple, defaultdict...: its data (this process's own subclass
+        of the built-in type, so equality is the built-in's), sent back as the original."""
+        base = type(value)
+        if base not in mirrors:
+            mirrors[base] = type(f"Candidate{base.__name__.title()}", (base,), {})
+        obj = mirrors[base](value)
+        obj._opd_name = name
+        return obj
+
     def ref(obj):
         if isinstance(obj, Remote):
             return obj._id
-        raise wire.WireError(f"cannot send a {type(obj).__name__} to the candidate")
+        if type(obj) in mirrors.values():
+            return obj._opd_name
+        # e.g. a tree MBPP's setup code builds: the candidate runs that code too
+        return prelude_globals.get(id(obj))
 
+    prelude_globals = {}
     caller = wire.Caller(wire.Writer(int(sys.argv[1])), wire.Reader(int(sys.argv[2])),
-                         unref=Remote, ref=ref)
+                         unref=Remote, ref=ref, mirror=mirror)
 
     def proxy(name):
         def call(*args, **kwargs):
@@ -80,6 +97,7 @@ def main():
         return
     env = {"__name__": "__judge__", "__builtins__": builtins}
     exec(compile(job.get("prelude") or "", "<prelude>", "exec"), env)
+    prelude_globals.update({id(v): k for k, v in env.items() if not k.startswith("__")})
     entry = job.get("entry_point")
     if entry:
         env[entry] = env["candidate"] = proxy(entry)
@@ -97,7 +115,8 @@ def main():
                 exec(compile(call, "<call>", "exec"), env)
             send({"test": i, "passed": True})
         except BaseException as e:  # noqa: BLE001 - a failed test, whatever it raised
-            send({"test": i, "passed": False, "detail": f"{type(e).__name__}: {e}"[:300]})
+            why = str(e) if isinstance(e, wire.CandidateError) else f"{type(e).__name__}: {e}"
+            send({"test": i, "passed": False, "detail": why.rstrip(": ")[:300]})
     send({"done": True, "loaded": True})
 
 

@@ -32,6 +32,10 @@ def main():
         return len(handles) - 1
 
     def unref(n):
+        if isinstance(n, str):  # a global of the benchmark's setup code, which runs here too
+            if n not in module.__dict__:
+                raise wire.WireError(f"no global {n!r}")
+            return module.__dict__[n]
         if not 0 <= n < len(handles):
             raise wire.WireError(f"no handle {n}")
         return handles[n]

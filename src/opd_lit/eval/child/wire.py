@@ -15,12 +15,14 @@ frozenset              ``{"f": [...]}``
 dict                   ``{"d": [[key, value], ...]}``
 bytes                  ``{"b": base64}``
 complex                ``{"c": [real, imag]}``
-anything else          ``{"h": n}``: a handle the sender keeps
+a built-in's subclass   ``{"m": [name, data]}``: its data, and a name for the object
+anything else          ``{"h": n}``: a handle the sender keeps, or
+                       ``{"g": name}``: a global both sides define
 =====================  ==========================================
 
-Decoding builds only these built-in types (and handles, through the receiver's
-``unref``), so what a candidate returns is data: an object with a forged ``__eq__`` cannot
-cross. Depth and size are bounded.
+Decoding builds only these built-in types (handles, and the receiver's own mirror types for
+``"m"``, through its hooks), so what a candidate returns is data: an object with a forged
+``__eq__`` cannot cross. Depth and size are bounded.
 """
 
 import base64
@@ -38,46 +40,72 @@ class WireError(ValueError):
     """A malformed or oversized message or value."""
 
 
+_BASES = (bool, int, float, str, bytes, bytearray, complex, list, tuple, frozenset, set, dict)
+
+
+def _plain(value, ref, d):
+    """``value`` of an exact built-in type as data."""
+    t = type(value)
+    if value is None or t is str:
+        return value
+    if t is bool or t is float:
+        return value
+    if t is int:
+        return value if -_BIG < value < _BIG else {"i": hex(value)}
+    if t is list:
+        return [encode(v, ref, d) for v in value]
+    if t is tuple:
+        return {"t": [encode(v, ref, d) for v in value]}
+    if t is frozenset:
+        return {"f": [encode(v, ref, d) for v in value]}
+    if t is set:
+        return {"s": [encode(v, ref, d) for v in value]}
+    if t is dict:
+        return {"d": [[encode(k, ref, d), encode(v, ref, d)] for k, v in value.items()]}
+    if t is bytes or t is bytearray:
+        return {"b": base64.b64encode(bytes(value)).decode("ascii")}
+    if t is complex:
+        return {"c": [value.real, value.imag]}
+    return _NOT_PLAIN
+
+
+_NOT_PLAIN = object()
+
+
 def encode(value, ref=None, _depth=0):
-    """``value`` as JSON-able data; ``ref(obj) -> int`` names what has no data form."""
+    """``value`` as JSON-able data.
+
+    ``ref(obj)`` names an object that is not of an exact built-in type: a handle (int) or
+    the name of a global the receiver has too (str), or None to send its data alone. An
+    instance of a subclass of a built-in (a namedtuple, a defaultdict) travels as both
+    ``{"m": [name, data]}``; anything else needs a name."""
     if _depth > MAX_DEPTH:
         raise WireError("value nested too deeply")
     d = _depth + 1
-    if value is None or isinstance(value, (bool, str)):
-        return bool(value) if isinstance(value, bool) else (None if value is None else str(value))
-    if isinstance(value, int):
-        value = int(value)
-        return value if -_BIG < value < _BIG else {"i": hex(value)}
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, list):
-        return [encode(v, ref, d) for v in value]
-    if isinstance(value, tuple):
-        return {"t": [encode(v, ref, d) for v in value]}
-    if isinstance(value, frozenset):
-        return {"f": [encode(v, ref, d) for v in value]}
-    if isinstance(value, set):
-        return {"s": [encode(v, ref, d) for v in value]}
-    if isinstance(value, dict):
-        return {"d": [[encode(k, ref, d), encode(v, ref, d)] for k, v in value.items()]}
-    if isinstance(value, (bytes, bytearray)):
-        return {"b": base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(value, complex):
-        return {"c": [value.real, value.imag]}
-    if ref is None:
+    data = _plain(value, ref, d)
+    if data is not _NOT_PLAIN:
+        return data
+    name = ref(value) if ref is not None else None
+    base = next((b for b in _BASES if isinstance(value, b)), None)
+    if base is not None:
+        data = _plain(base(value), ref, d)
+        return data if name is None else {"m": [name, data]}
+    if name is None:
         raise WireError(f"cannot send a {type(value).__name__}")
-    return {"h": int(ref(value))}
+    return {"g": name} if isinstance(name, str) else {"h": int(name)}
 
 
-def decode(data, unref=None, _depth=0):
-    """The value ``encode`` wrote; ``unref(n)`` resolves handles (refused when None)."""
+def decode(data, unref=None, mirror=None, _depth=0):
+    """The value ``encode`` wrote. ``unref(name)`` resolves handles and globals (refused
+    when None); ``{"m": [name, data]}`` gives ``mirror(value, name)`` when set, else
+    ``unref(name)``, else the plain value."""
     if _depth > MAX_DEPTH:
         raise WireError("value nested too deeply")
     d = _depth + 1
     if data is None or type(data) in (bool, int, float, str):
         return data
     if type(data) is list:
-        return [decode(v, unref, d) for v in data]
+        return [decode(v, unref, mirror, d) for v in data]
     if type(data) is not dict or len(data) != 1:
         raise WireError("malformed value")
     (tag, body), = data.items()
@@ -85,21 +113,27 @@ def decode(data, unref=None, _depth=0):
         if tag == "i" and type(body) is str:
             return int(body, 16)
         if tag in ("t", "s", "f") and type(body) is list:
-            items = [decode(v, unref, d) for v in body]
+            items = [decode(v, unref, mirror, d) for v in body]
             return {"t": tuple, "s": set, "f": frozenset}[tag](items)
         if tag == "d" and type(body) is list:
             out = {}
             for pair in body:
                 if type(pair) is not list or len(pair) != 2:
                     raise WireError("malformed dict item")
-                out[decode(pair[0], unref, d)] = decode(pair[1], unref, d)
+                out[decode(pair[0], unref, mirror, d)] = decode(pair[1], unref, mirror, d)
             return out
         if tag == "b" and type(body) is str:
             return base64.b64decode(body.encode("ascii"), validate=True)
         if tag == "c" and type(body) is list and len(body) == 2:
             return complex(float(body[0]), float(body[1]))
-        if tag == "h" and type(body) is int and unref is not None:
+        if tag in ("h", "g") and type(body) is (int if tag == "h" else str) and unref is not None:
             return unref(body)
+        if tag == "m" and type(body) is list and len(body) == 2 and type(body[0]) in (int, str):
+            if mirror is not None:
+                return mirror(decode(body[1], unref, mirror, d), body[0])
+            if unref is not None:
+                return unref(body[0])
+            return decode(body[1], None, None, d)
     except WireError:
         raise
     except (TypeError, ValueError, IndexError, KeyError) as e:
@@ -159,9 +193,9 @@ class Caller:
     object it returned), either with ``"attr": a`` to call that attribute.
     """
 
-    def __init__(self, requests: "Writer", replies: "Reader", unref=None, ref=None):
+    def __init__(self, requests: "Writer", replies: "Reader", unref=None, ref=None, mirror=None):
         self.requests, self.replies = requests, replies
-        self.unref, self.ref = unref, ref
+        self.unref, self.ref, self.mirror = unref, ref, mirror
         self.gone = None  # why the candidate can no longer answer
 
     def ready(self, timeout=None):
@@ -185,8 +219,8 @@ class Caller:
             raise CandidateError(self.gone) from None
         reply = self._reply(timeout)
         if reply.get("ok") is True:
-            return decode(reply.get("value"), self.unref)
-        raise CandidateError(f"{reply.get('error', 'Error')}: {reply.get('message', '')}"[:500])
+            return decode(reply.get("value"), self.unref, self.mirror)
+        raise CandidateError(str(reply.get("message") or reply.get("error") or "the call failed")[:500])
 
     def _reply(self, timeout):
         message = self.replies.recv(timeout)
