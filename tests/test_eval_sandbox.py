@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from opd_lit.eval import sandbox as sb
-from opd_lit.eval.sandbox import Isolation, Sandbox, SandboxLimits, UnsandboxedError, detect_isolation
+from opd_lit.eval.sandbox import (
+    Isolation,
+    Sandbox,
+    SandboxLimits,
+    UnsandboxedError,
+    detect_isolation,
+)
 
 FAST = dict(timeout_s=3.0, memory_mb=512, fsize_mb=4)
 JAIL = detect_isolation()

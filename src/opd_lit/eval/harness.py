@@ -12,7 +12,8 @@ are correct (avg@n; pass@1 averaged over samples for code). Metrics:
 - ``eval/<benchmark>/score`` (and ``eval/<benchmark>/<alias>`` when the benchmark has an
   alias: the toy logs ``eval/toy/accuracy``), ``eval/<benchmark>/extracted_frac``,
   ``eval/<benchmark>/truncated_frac``, ``eval/<benchmark>/response_len_mean``,
-  ``eval/<benchmark>/problems_per_s``;
+  ``eval/<benchmark>/problems_per_s``; code benchmarks ``eval/<benchmark>/isolation``
+  (1 = their programs ran in the jail, 0 = without it);
 - the teacher (``teacher_at_start``): ``eval/<benchmark>/teacher_score`` (and
   ``teacher_<alias>``);
 - groups (``averages``): ``eval/<group>`` is the plain mean of its members' scores

@@ -194,6 +194,32 @@ def wait_for(pid):
             return os.WEXITSTATUS(status)
 
 
+def fork_and_wait(child, what, keep_fds):
+    """Fork; the child runs ``child()`` (a failure is reported as ``sandbox: could not
+    <what>``); this process closes ``keep_fds`` (only the child keeps them), reaps, and exits
+    with the child's status."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child()
+        except BaseException as e:  # noqa: BLE001 - report and exit
+            sys.stderr.write(f"sandbox: could not {what}: {e!r}\n")
+            sys.stderr.flush()
+        os._exit(SETUP_FAILED)
+    for fd in keep_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    os._exit(wait_for(pid))
+
+
+def start_program(cfg):
+    set_limits(cfg["rlimits"])
+    drop_privileges(cfg)
+    exec_program(cfg)
+
+
 def pid_one(cfg):
     """PID 1 of the jail: build it, fork the program, reap, exit with the program's status."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -201,22 +227,7 @@ def pid_one(cfg):
         os._exit(SETUP_FAILED)
     build_root(cfg)
     prctl(PR_SET_DUMPABLE, 0)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            set_limits(cfg["rlimits"])
-            drop_privileges(cfg)
-            exec_program(cfg)
-        except BaseException as e:  # noqa: BLE001 - report and exit
-            sys.stderr.write(f"sandbox: could not start the program: {e!r}\n")
-            sys.stderr.flush()
-        os._exit(SETUP_FAILED)
-    for fd in cfg["keep_fds"]:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    os._exit(wait_for(pid))
+    fork_and_wait(lambda: start_program(cfg), "start the program", cfg["keep_fds"])
 
 
 def jail(cfg):
@@ -229,17 +240,7 @@ def jail(cfg):
         write_file("/proc/self/setgroups", "deny")
         write_file("/proc/self/uid_map", f"0 {uid} 1")
         write_file("/proc/self/gid_map", f"0 {gid} 1")
-    pid = os.fork()
-    if pid == 0:
-        try:
-            pid_one(cfg)
-        except BaseException as e:  # noqa: BLE001 - report and exit
-            sys.stderr.write(f"sandbox: could not build the jail: {e!r}\n")
-            sys.stderr.flush()
-        os._exit(SETUP_FAILED)
-    for fd in cfg["keep_fds"]:
-        os.close(fd)
-    os._exit(wait_for(pid))
+    fork_and_wait(lambda: pid_one(cfg), "build the jail", cfg["keep_fds"])
 
 
 def main():
