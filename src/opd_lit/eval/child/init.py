@@ -157,9 +157,13 @@ def drop_privileges(cfg):
         os.setresuid(uid, uid, uid)
     else:
         # We are root of the jail's user namespace: a nested one maps that root to 65534,
-        # so after exec the program holds no capability anywhere.
+        # so after exec the program holds no capability anywhere. (PID 1 made itself
+        # non-dumpable, which this fork inherited; /proc/self is writable only when dumpable.)
+        prctl(PR_SET_DUMPABLE, 1)
         _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER) for the program")
-        write_file("/proc/self/setgroups", "deny")
+        with open("/proc/self/setgroups") as f:
+            if f.read().strip() != "deny":  # inherited from the jail's namespace: stays deny
+                write_file("/proc/self/setgroups", "deny")
         write_file("/proc/self/uid_map", f"{uid} 0 1")
         write_file("/proc/self/gid_map", f"{gid} 0 1")
     prctl(PR_SET_NO_NEW_PRIVS, 1)
@@ -215,9 +219,12 @@ def fork_and_wait(child, what, keep_fds):
 
 
 def start_program(cfg):
-    set_limits(cfg["rlimits"])
-    drop_privileges(cfg)
-    exec_program(cfg)
+    for step, fn in (("set the limits", set_limits), ("drop privileges", drop_privileges),
+                     ("execute it", exec_program)):
+        try:
+            fn(cfg["rlimits"] if fn is set_limits else cfg)
+        except OSError as e:
+            raise OSError(e.errno, f"{step}: {e}") from None
 
 
 def pid_one(cfg):
