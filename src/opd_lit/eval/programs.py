@@ -165,7 +165,11 @@ def judged(sandbox: Sandbox, module_source: str, job: dict[str, Any],
         if "the candidate exited" in detail and cand_run.status not in ("ok", "killed"):
             detail += f" ({cand_run.status})"
         return Grade(False, None, f"fail: test {i}: {detail}"[:300])
-    return Grade(True, None, f"pass ({n_tests} test{'s' if n_tests != 1 else ''})")
+    return Grade(True, None, _passed(n_tests))
+
+
+def _passed(n: int) -> str:
+    return f"pass ({n} test{'s' if n != 1 else ''})"
 
 
 def _with_code(grade: Grade, code: str) -> Grade:
@@ -290,7 +294,7 @@ def _functional(code: str, problem: dict[str, Any], tests: list[dict], sandbox: 
             got = caller.call(target, args, timeout=timeout_s)
             if not same_value(got, json.loads(case["output"])):
                 return Grade(False, code, f"test {i}: fail: wrong answer")
-        return Grade(True, code, f"pass ({len(tests)} tests)")
+        return Grade(True, code, _passed(len(tests)))
     except TimeoutError:
         return Grade(False, code, f"test {max(i, 0)}: timeout")
     except (wire.CandidateError, wire.WireError) as e:
@@ -323,4 +327,4 @@ def run_livecodebench(code: str | None, problem: dict[str, Any], sandbox: Sandbo
             return Grade(False, code, f"test {i}: {run.status}")
         if not same_stdout(run.stdout, case["output"]):
             return Grade(False, code, f"test {i}: fail: wrong answer")
-    return Grade(True, code, f"pass ({len(tests)} tests)")
+    return Grade(True, code, _passed(len(tests)))
