@@ -147,6 +147,9 @@ def test_cli_regrades_from_the_command_line(tmp_path):
     assert "Minerva" in proc.stdout and "100.00" in proc.stdout
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert scores["metrics"]["eval/minerva/score"] == 1.0
+    # everything it wrote is under output_dir, Hydra's own files included
+    assert (tmp_path / "out" / ".hydra" / "config.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.jsonl"]
 
 
 @needs_toy
