@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd_lit.data import RolloutDataModule
 from opd_lit.diagnostics import diagnostics_callbacks
-from opd_lit.dist import is_launch_rank_zero
+from opd_lit.dist import broadcast_from_rank_zero, is_launch_rank_zero, join_external_group
 from opd_lit.eval.callback import EvalCallback
 from opd_lit.jobs import job_key  # noqa: F401 - registers the ${job_key:} resolver
 from opd_lit.progress import StageProgressBar
@@ -143,9 +143,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_tracking_reachable(tracking_uri(cfg.logger.get("tracking_uri")))
     # 2. Skip, resume or run this job (MLflow runs tagged with its key, its checkpoints).
     key = job_key(cfg)
+    external = join_external_group()  # torchrun / SLURM started every rank: plan on rank 0 alone
     leader = is_launch_rank_zero()
     plan = plan_from_env(cfg, key) if not leader else None
-    if plan is None:
+    if external:
+        plan = broadcast_from_rank_zero(lambda: plan_job(cfg, key))
+    elif plan is None:
         plan = plan_job(cfg, key)
     if leader:
         print(f"[opd_lit] {plan.reason}", flush=True)
@@ -173,6 +176,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             set_run_status(uri, stale, "FAILED")
         except Exception as e:  # noqa: BLE001
             log.warning("could not mark stale MLflow run %s FAILED: %s", stale, e)
+    if external:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has acted on the plan; the others read from here on
 
     out = output_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
