@@ -268,16 +268,17 @@ def test_callback_runs_at_start_every_n_steps_and_at_the_end(tmp_path):
     ev = cb.evaluator
     engine = ScriptedEngine(math_responder(ev))
     dm = SimpleNamespace(
-        engine=engine, student_tokenizer=ByteTokenizer(), eos_ids=[EOS], student_template_kwargs={},
+        student_tokenizer=ByteTokenizer(), eos_ids=[EOS], student_template_kwargs={},
         prepare_tokenizers=lambda: None,
     )
+    module = SimpleNamespace(parts=SimpleNamespace(engine=engine))  # the step's rollout engine
     logger = RecordingLogger(tmp_path)
     trainer = SimpleNamespace(datamodule=dm, global_step=0, max_steps=5, loggers=[logger], callbacks=[])
-    cb.on_train_start(trainer, None)
+    cb.on_train_start(trainer, module)
     for step in range(1, 6):
         trainer.global_step = step
-        cb.on_train_batch_end(trainer, None, None, None, step - 1)
-    cb.on_train_end(trainer, None)
+        cb.on_train_batch_end(trainer, module, None, None, step - 1)
+    cb.on_train_end(trainer, module)
     steps = [s for s, m in logger.logged if "eval/math500/score" in m]
     assert steps == [0, 2, 4, 5]
     assert [row["step"] for row in cb.history] == [0, 2, 4, 5]
