@@ -130,20 +130,26 @@ def test_ctrl_c_checkpoints_marks_killed_and_exits_cleanly_then_resumes(tmp_path
 @pytest.fixture
 def faults(monkeypatch):
     """Inject NaN teacher log-probs / empty responses at chosen steps; record the weights."""
+    import opd_lit.step as step_module
     from opd_lit.rollout.base import Generation
     from opd_lit.rollout.hf import HFEngine
-    from opd_lit.teacher import TeacherCallback
+    from opd_lit.teacher import TeacherModels
 
-    state = {"nan_steps": set(), "empty_all": set(), "empty_half": set(), "weights": {}, "calls": 0}
-    orig_start = TeacherCallback.on_train_batch_start
+    state = {"nan_steps": set(), "empty_all": set(), "empty_half": set(), "weights": {}, "calls": 0,
+             "scored": 0}
+    orig_score = TeacherModels.score
+    orig_update = step_module.update_student
     orig_generate = HFEngine.generate
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        step = trainer.global_step
-        state["weights"][step] = [p.detach().clone() for p in pl_module.student.parameters()]
-        orig_start(self, trainer, pl_module, batch, batch_idx)
+    def score(self, batch, needs):  # the step's teacher stage, once per step
+        step, state["scored"] = state["scored"], state["scored"] + 1
+        orig_score(self, batch, needs)
         if step in state["nan_steps"]:
             batch.teacher_logprobs = torch.full_like(batch.teacher_logprobs, float("nan"))
+
+    def update_student(module, batch, sup):
+        state["weights"][module.global_step] = [p.detach().clone() for p in module.student.parameters()]
+        return orig_update(module, batch, sup)
 
     def generate(self, prompts, n, params):
         gen = orig_generate(self, prompts, n, params)
@@ -154,7 +160,8 @@ def faults(monkeypatch):
             return Generation(response_ids=[r if i % 2 else [] for i, r in enumerate(gen.response_ids)])
         return gen
 
-    monkeypatch.setattr(TeacherCallback, "on_train_batch_start", on_train_batch_start)
+    monkeypatch.setattr(TeacherModels, "score", score)
+    monkeypatch.setattr(step_module, "update_student", update_student)
     monkeypatch.setattr(HFEngine, "generate", generate)
     return state
 

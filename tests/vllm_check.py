@@ -24,7 +24,7 @@ def main(workdir: str) -> dict:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from opd_lit.batch import join_prompt_response, left_pad, right_pad
-    from opd_lit.data.datamodule import _pad_topk, right_pad_float
+    from opd_lit.step import pad_topk, right_pad_float
     from opd_lit.objectives import policy_gradient_loss
     from opd_lit.rollout import SamplingParams, build_engine
     from opd_lit.scoring import score_tokens
@@ -57,7 +57,7 @@ def main(workdir: str) -> dict:
             s = score_tokens(student, ids, am, r, rm, topk=k)
         valid = rm > 0
         lp = right_pad_float(gen.logprobs, rm.shape)
-        top = _pad_topk(gen.topk_ids, rm.shape, k)
+        top = pad_topk(gen.topk_ids, rm.shape, k)
         return {
             "max_abs_diff": float((lp - s.logprobs)[valid].abs().max()),
             "top1_agree": float((top[..., 0] == s.topk_ids[..., 0])[valid].float().mean()),

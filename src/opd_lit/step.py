@@ -320,6 +320,8 @@ def update_student(module: DistillModule, batch: RolloutBatch, sup: Supervision)
         module.record_skipped_step(bad, float(total), grad_norm)
     else:
         module.record_good_step()
+        if float(num_tokens) == 0:  # nothing to learn on any rank: no update (AdamW's momentum
+            opt.zero_grad(set_to_none=True)  # would still move the weights on zero gradients)
     # The step counts either way, so the global step stays the data position (what resume uses).
     opt.step()
     module.lr_schedulers().step()
