@@ -24,10 +24,10 @@ def main(workdir: str) -> dict:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from opd_lit.batch import join_prompt_response, left_pad, right_pad
-    from opd_lit.step import pad_topk, right_pad_float
     from opd_lit.objectives import policy_gradient_loss
     from opd_lit.rollout import SamplingParams, build_engine
     from opd_lit.scoring import score_tokens
+    from opd_lit.step import pad_topk, right_pad_float
 
     eos, pad, vocab, k, n = 1, 0, 96, 4, 2
     torch.manual_seed(0)
