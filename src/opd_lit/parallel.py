@@ -224,21 +224,22 @@ def _comm_device(x: torch.Tensor) -> torch.device:
     return x.device if backend != "gloo" else torch.device("cpu")
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """The sum of ``x`` over ranks (a new tensor on ``x``'s device; ``x`` itself if one process)."""
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
     if not distributed():
         return x
     y = x.detach().to(_comm_device(x), copy=True)
-    torch.distributed.all_reduce(y, op=torch.distributed.ReduceOp.SUM)
+    torch.distributed.all_reduce(y, op=op)
     return y.to(x.device)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over ranks (a new tensor on ``x``'s device; ``x`` itself if one process)."""
+    return _all_reduce(x, torch.distributed.ReduceOp.SUM)
 
 
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    if not distributed():
-        return x
-    y = x.detach().to(_comm_device(x), copy=True)
-    torch.distributed.all_reduce(y, op=torch.distributed.ReduceOp.MAX)
-    return y.to(x.device)
+    """The maximum of ``x`` over ranks (``x`` itself if one process)."""
+    return _all_reduce(x, torch.distributed.ReduceOp.MAX)
 
 
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:

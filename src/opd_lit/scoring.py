@@ -307,6 +307,16 @@ def score_tokens_full(
     return res
 
 
+def _grad_buffers(ctx, hidden, weight, bias):
+    """float32 ``(∂h, ∂W, ∂b)`` accumulators of a tiled LM-head backward (None where not needed)."""
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    f32 = torch.float32
+    grad_h = torch.zeros_like(hidden, dtype=f32) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=f32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=f32, device=bias.device) if need_b and bias is not None else None
+    return grad_h, grad_w, grad_b
+
+
 class _ChunkedLinearLogprob(torch.autograd.Function):
     """``log softmax(h Wᵀ + b)[y]`` per row for the loss path, never more than one
     ``[chunk, vocab_chunk]`` float32 tile alive.
@@ -335,11 +345,8 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-                  if need_b and bias is not None else None)
+        need_h, need_w, _ = ctx.needs_input_grad[:3]
+        grad_h, grad_w, grad_b = _grad_buffers(ctx, hidden, weight, bias)
         g_all = grad_out.float()
         tiles = _vocab_tiles(weight.shape[0], ctx.vocab_chunk)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
@@ -531,11 +538,8 @@ class _ChunkedReverseKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_kl):
         hidden, weight, bias, lse_s, kl, *lse_m = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-                  if need_b and bias is not None else None)
+        need_h, need_w, _ = ctx.needs_input_grad[:3]
+        grad_h, grad_w, grad_b = _grad_buffers(ctx, hidden, weight, bias)
         g_all = grad_kl.float()
         tiles = _vocab_tiles(weight.shape[0], ctx.vocab_chunk)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
