@@ -59,7 +59,8 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_ddp_and_fsdp_give_the_one_process_update_and_log_like_it(tmp_path):
-    """3 greedy toy steps with 1 process, DDP over 2 and FSDP2 over 2: the same rollouts, so
+    """3 greedy toy steps with 1 process, DDP over 2 and FSDP2 over 2 (student and teacher
+    sharded): the same rollouts, so
     the same losses, gradient norms and final weights (to float tolerance), and one FINISHED
     MLflow run each with every metric of a 1-process run."""
     db = tmp_path / "mlflow.db"
@@ -68,7 +69,7 @@ def test_ddp_and_fsdp_give_the_one_process_update_and_log_like_it(tmp_path):
     setups = {
         "one": [],
         "ddp": ["trainer=ddp", *CPU2],
-        "fsdp": ["trainer=fsdp", *CPU2],
+        "fsdp": ["trainer=fsdp", *CPU2, "trainer.strategy.shard_teacher=true"],  # the teacher sharded too
     }
     for name, extra in setups.items():
         finish(launch(tmp_path / name, [*common, *extra, f"experiment_name={name}",
