@@ -276,3 +276,47 @@ def test_crash_after_a_checkpoint_with_the_newest_corrupted_resumes_from_the_one
     _, runs = mlflow_run(db)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert sorted(step_metrics(db, "train/loss")) == [0, 1, 2, 3, 4]
+
+
+# ---- one owner per job, end to end ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_same_job_started_twice_at_once_runs_once_and_the_second_names_the_first(tmp_path, tiny_pair):  # noqa: F811
+    db = tmp_path / "mlflow.db"
+    ckpt = tmp_path / "ck"
+    args = [*pair_overrides(*tiny_pair), "trainer.max_steps=3", "rollout.max_new_tokens=8", "method=opd",
+            f"checkpoint.dir={ckpt}", f"logger.tracking_uri=sqlite:///{db}", "hydra.run.dir=out"]
+    mlflow_run(db)  # create the tables once, before two processes open the store
+    a = start(tmp_path, tmp_path / "a", args, delay=0.5)
+    b = start(tmp_path, tmp_path / "b", args, delay=0.5)
+    codes = sorted([(a.wait(600), a), (b.wait(600), b)], key=lambda x: x[0])
+    (ok, winner), (refused, loser) = codes
+    assert (ok, refused) == (0, 1), (output(a)[-2000:], output(b)[-2000:])
+    msg = output(loser)
+    assert f"JobLockedError: checkpoint.dir='{ckpt}' is in use by job" in msg, msg[-2000:]
+    assert f"pid {winner.pid} on host" in msg and "Traceback" not in msg
+    _, runs = mlflow_run(db)
+    assert [r.info.status for r in runs] == ["FINISHED"]  # one run of the job, not two
+    assert runs[0].data.tags["owner"].startswith(f"{winner.pid}@")
+
+
+@pytest.mark.slow
+def test_a_second_job_in_the_same_output_dir_is_refused_and_the_first_export_kept(tmp_path, tiny_pair):  # noqa: F811
+    from opd_lit.locks import JobConflictError
+    from opd_lit.settings import sha256_file
+    from opd_lit.train import run
+
+    common = [*pair_overrides(*tiny_pair), "trainer.max_steps=1", "rollout.max_new_tokens=6",
+              "export.final_model=true", "method=opd"]
+    first = run(compose_cfg(tmp_path, *common))  # output_dir is tmp_path/run for both
+    exported = Path(first["final_model"])
+    hashes = {p.name: sha256_file(p) for p in exported.iterdir()}
+    with pytest.raises(JobConflictError) as err:
+        run(compose_cfg(tmp_path, *common, "seed=1"))
+    msg = str(err.value)
+    assert f"holds the outputs of another job, {first['job_key']} (MLflow run {first['mlflow_run_id']}, FINISHED" in msg
+    assert "seed: 0 -> 1" in msg
+    assert {p.name: sha256_file(p) for p in exported.iterdir()} == hashes
+    _, runs = mlflow_run(tmp_path / "mlflow.db")
+    assert len(runs) == 1 and runs[0].data.tags["final_model_dir"] == str(exported.resolve())

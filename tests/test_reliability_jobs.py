@@ -251,3 +251,46 @@ def test_ranks_other_than_zero_change_nothing(tmp_path, no_build, monkeypatch):
         train.run(cfg)
     assert client_of(tmp_path).get_run(stale).info.status == "FAILED"
     assert list(tmp_path.glob("ck.orphan-*")) and (tmp_path / "ck" / JOB_FILE).exists()
+
+
+def test_read_only_output_locations_and_tracking_store_are_named_before_any_model(tmp_path, monkeypatch):
+    import opd_lit.models as models
+    from reliability_kit import read_only
+
+    from opd_lit.validate import ConfigError
+
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    ro_out, ro_ck, store = tmp_path / "ro_out", tmp_path / "ro_ck", tmp_path / "store"
+    for d in (ro_out, ro_ck, store):
+        d.mkdir()
+    db = store / "mlflow.db"
+    client_of(store)  # a real store, made before it turns read-only
+    make_run(store, "x", "FINISHED")
+    before = db.read_bytes()
+    cfg = compose_cfg(tmp_path, f"output_dir={ro_out / 'run'}", f"checkpoint.dir={ro_ck / 'job'}",
+                      f"logger.tracking_uri=sqlite:///{db}")
+    with read_only(ro_out, ro_ck, db):
+        with pytest.raises(ConfigError) as err:
+            train.run(cfg)
+    msg = str(err.value)
+    assert "3 problems" in msg, msg
+    assert f"output_dir='{ro_out / 'run'}': a writable directory ({ro_out} is read-only" in msg
+    assert f"checkpoint.dir='{ro_ck / 'job'}': a writable directory ({ro_ck} is read-only" in msg
+    assert f"logger.tracking_uri='sqlite:///{db}': the SQLite file {db} is read-only" in msg
+    assert db.read_bytes() == before and not (ro_out / "run").exists()
+
+
+def test_a_corrupted_tracking_store_is_named_with_its_uri_and_file(tmp_path, monkeypatch):
+    from opd_lit.jobs import find_job_runs
+    from opd_lit.tracking import TrackingStoreError
+    from opd_lit.validate import ConfigError
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"\x00garbage, not SQLite" * 200)
+    cfg = compose_cfg(tmp_path)
+    with pytest.raises(ConfigError, match=rf"logger.tracking_uri='sqlite:///{db}': the SQLite file {db} is not a "
+                                          r"readable SQLite database \(file is not a database; corrupted\?\)"):
+        train.run(cfg)
+    # past the start-up check (e.g. it broke since): the look-up names the store the same way
+    with pytest.raises(TrackingStoreError, match=rf"'sqlite:///{db}' \(file {db}\) cannot be used"):
+        find_job_runs(f"sqlite:///{db}", "opd_lit", "k")
