@@ -118,7 +118,7 @@ def test_run_refuses_a_job_whose_lock_is_held_before_anything_is_written(tmp_pat
     finally:
         holder.release()
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
-    assert not (tmp_path / "mlflow.db").exists() or not client_of(tmp_path).search_experiments()[1:]
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the tracking store was opened
 
 
 # ---- a checkpoint.dir or output_dir of another job ------------------------------------------
@@ -254,9 +254,9 @@ def test_ranks_other_than_zero_change_nothing(tmp_path, no_build, monkeypatch):
 
 
 def test_read_only_output_locations_and_tracking_store_are_named_before_any_model(tmp_path, monkeypatch):
-    import opd_lit.models as models
     from reliability_kit import read_only
 
+    import opd_lit.models as models
     from opd_lit.validate import ConfigError
 
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -294,3 +294,23 @@ def test_a_corrupted_tracking_store_is_named_with_its_uri_and_file(tmp_path, mon
     # past the start-up check (e.g. it broke since): the look-up names the store the same way
     with pytest.raises(TrackingStoreError, match=rf"'sqlite:///{db}' \(file {db}\) cannot be used"):
         find_job_runs(f"sqlite:///{db}", "opd_lit", "k")
+
+
+def test_sigterm_while_the_models_load_ends_the_run_killed(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from opd_lit.tracking import build_loggers
+
+    def build(cfg, out, plan=None):  # the MLflow run exists; SIGTERM arrives while models load
+        build_loggers(cfg, out)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(train, "build", build)
+    with pytest.raises(SystemExit) as code:
+        train.run(compose_cfg(tmp_path, f"checkpoint.dir={tmp_path / 'ck'}"))
+    assert code.value.code == 143
+    (run,) = client_of(tmp_path).search_runs([client_of(tmp_path).get_experiment_by_name("opd_lit").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "stopped by SIGTERM (exit 143)"
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)  # the handler is gone again

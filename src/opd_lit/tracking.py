@@ -100,7 +100,8 @@ def set_error_tag(client, run_id: str, error: str) -> None:
 def describe_exception(exc: BaseException) -> str:
     """``Type: message`` of an exception (the ``error`` tag of a run that ended with it)."""
     if isinstance(exc, SystemExit):
-        return f"SystemExit({exc.code})"
+        return {130: "stopped by SIGINT (exit 130)", 143: "stopped by SIGTERM (exit 143)"}.get(
+            exc.code, f"SystemExit({exc.code})")
     if isinstance(exc, KeyboardInterrupt):
         return "KeyboardInterrupt (Ctrl-C)"
     return f"{type(exc).__name__}: {exc}"

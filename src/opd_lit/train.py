@@ -399,6 +399,11 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return run(cfg)
+    except KeyboardInterrupt:  # Ctrl-C before training started (during it: exit 130 already)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print("[opd_lit] interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except Exception as e:
         message = user_error_message(e)
         if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
