@@ -230,13 +230,13 @@ def test_grad_scoring_with_candidates_keeps_the_checkpointed_path():
 # ---- release rule cost: sentence segmentation in a background thread --------------------------
 
 def test_background_segments_equal_the_synchronous_ones():
-    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
 
     import torch
 
-    from opd_lit.batch import right_pad
-    from opd_lit.data.datamodule import BackgroundSegmentsBatch
+    from opd_lit.batch import Needs, right_pad
     from opd_lit.release import segment_ids_batch
+    from opd_lit.step import StepParts, start_segments
     from opd_lit.toy import toy_train_problems
     from opd_lit.toy.tokenizer import make_hf_tokenizer, train_tokenizer
 
@@ -244,15 +244,12 @@ def test_background_segments_equal_the_synchronous_ones():
     texts = [p["solution"] for p in toy_train_problems(6)]
     r, rm = right_pad([tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.pad_token_id)
     want = segment_ids_batch(tok, r, rm)
-    batch = BackgroundSegmentsBatch(
-        records=[{}] * len(texts), prompt_ids=torch.zeros(len(texts), 1, dtype=torch.long),
-        prompt_mask=torch.ones(len(texts), 1, dtype=torch.long), response_ids=r, response_mask=rm,
-        student_logprobs=torch.zeros_like(rm), student_topk_ids=torch.zeros((*r.shape, 0), dtype=torch.long),
-    )
-    with ThreadPoolExecutor(1) as pool:
-        batch.start_segments(pool, tok, r, rm)
-        got = batch.segment_ids  # waits for the thread
+    parts = StepParts(data=SimpleNamespace(student_tokenizer=tok), teacher=None, needs=Needs(segments=True),
+                      make_engine=lambda: None)
+    batch = SimpleNamespace(response_ids=r, response_mask=rm)
+    try:
+        got, seconds = start_segments(parts, batch).result()  # the thread's own tokenizer copy
+    finally:
+        parts.close()
     assert torch.equal(got, want) and int(want.max()) >= 3
-    assert batch.timings["segment_s"] > 0 and "segment_wait_s" in batch.timings
-    batch.segment_ids = None
-    assert batch.segment_ids is None
+    assert seconds > 0 and parts._segment_tokenizer is not tok

@@ -255,10 +255,12 @@ def synthetic_batch(seed: int, with_release: bool = True, b: int = 6, t: int = 3
         prompt_mask=torch.ones(b, 2, dtype=torch.long), response_ids=ids, response_mask=mask,
         student_logprobs=student, student_topk_ids=torch.zeros(b, t, k, dtype=torch.long),
         teacher_logprobs=teacher, teacher_topk_logprobs=topk,
+        teacher_prompt_ids=torch.zeros(b, 2, dtype=torch.long), teacher_prompt_mask=torch.ones(b, 2, dtype=torch.long),
+        group_ids=torch.arange(b), response_text=[""] * b,
     )
     if with_release:
         batch.segment_ids = seg
-        batch.extras["release"] = release_weights_batch((teacher - student) * mask, mask, topk, seg)
+        batch.release = release_weights_batch((teacher - student) * mask, mask, topk, seg)
     return batch
 
 
@@ -267,7 +269,6 @@ def fake_run(loggers, root, method: str, with_release: bool, steps: int = 4, eve
     trainer = SimpleNamespace(global_step=0, max_steps=steps, loggers=loggers, default_root_dir=str(root),
                               datamodule=SimpleNamespace(student_tokenizer=FakeTokenizer()))
     module = SimpleNamespace(name=method, release_spec=SimpleNamespace(top_k=8, diagnose=with_release))
-    cb.setup(trainer, module, "fit")
     for step in range(steps):
         batch = synthetic_batch(step, with_release)
         for lg in loggers:
@@ -277,7 +278,7 @@ def fake_run(loggers, root, method: str, with_release: bool, steps: int = 4, eve
                 "release/release_pos_frac": 0.7,
             }, step=step)
         trainer.global_step = step + 1
-        cb.on_train_batch_end(trainer, module, None, batch, step)
+        cb.on_train_batch_end(trainer, module, {"rollouts": batch}, [], step)
     cb.on_train_end(trainer, module)
     for lg in loggers:
         lg.log_metrics({"eval/toy/accuracy": 0.4 if with_release else 0.3}, step=steps)
@@ -431,11 +432,11 @@ def test_state_survives_a_resume(tmp_path):
     figures = ["advantage_by_position", "release_stats"]
     first = DiagnosticsCallback(every_n_steps=2, figures=figures)
     for step in (1, 2, 3):  # a window drawn at step 2, step 3 still open
-        first.on_train_batch_end(trainer(step), module, None, synthetic_batch(step), step)
+        first.on_train_batch_end(trainer(step), module, {"rollouts": synthetic_batch(step)}, [], step)
     state = pickle.loads(pickle.dumps(first.state_dict()))
     second = DiagnosticsCallback(every_n_steps=2, figures=figures)
     second.load_state_dict(state)
-    second.on_train_batch_end(trainer(4), module, None, synthetic_batch(4), 3)
+    second.on_train_batch_end(trainer(4), module, {"rollouts": synthetic_batch(4)}, [], 3)
     adv = read_csv(tmp_path / "diagnostics" / "advantage_by_position.csv")
     assert [(r["step_from"], r["step"], r["rollouts"]) for r in adv[::20]] == [("1", "2", "12"), ("3", "4", "12")]
     assert len(read_csv(tmp_path / "diagnostics" / "release_stats.csv")) == 24
@@ -456,13 +457,16 @@ def test_conf_default_and_the_needs_of_a_method(tmp_path):
     assert cb.every_n_steps == cfg.diagnostics.every_n_steps and cb.num_bins == 20
     assert diagnostics_callbacks(compose_cfg(tmp_path, "diagnostics.enabled=false").diagnostics) == []
 
-    module = OPD.__new__(OPD)  # the needs only read the release spec (no student is loaded)
+    from opd_lit.methods.base import LossSpec
+
+    module = OPD.__new__(OPD)  # the needs only read the specs (no student is loaded)
     object.__setattr__(module, "release_spec", ReleaseSpec(diagnose=False))
-    assert module.needs.topk == 0
-    cb.setup(None, module, "fit")
-    assert module.needs.topk == 8 and not module.needs.segments
+    object.__setattr__(module, "loss_spec", LossSpec())
+    assert module.step_needs().topk == 0
+    merged = module.step_needs([cb])  # the step merges the diagnostics' needs at set-up
+    assert merged.topk == 8 and not merged.segments and module.needs.topk == 0  # nothing mutated
     object.__setattr__(module, "release_spec", ReleaseSpec(top_k=16, diagnose=True))
-    assert module.needs.topk == 16
+    assert module.step_needs([cb]).topk == 16 and module.step_needs().release
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -32,7 +32,7 @@ from opd_lit.release import apply_release_tokens, release_weights_batch
 from opd_lit.rollout.base import SamplingParams
 from opd_lit.rollout.hf import HFEngine
 from opd_lit.scoring import score_tokens
-from opd_lit.teacher import TeacherCallback
+from opd_lit.teacher import TeacherModels
 
 VOCAB = 67
 
@@ -83,6 +83,7 @@ def synthetic_batch(b=4, p=5, t=24, k=4, seed=0, seg_len=None) -> RolloutBatch:
         records=[{"id": str(i)} for i in range(b)], prompt_ids=pi, prompt_mask=pm,
         response_ids=ri, response_mask=rm, student_logprobs=s.logprobs, student_topk_ids=s.topk_ids,
         student_entropy=s.entropy, teacher_prompt_ids=pi, teacher_prompt_mask=pm,
+        group_ids=torch.arange(b), response_text=[""] * b,
         teacher_logprobs=tch.logprobs, teacher_topk_logprobs=tch.topk_logprobs,
         ref_logprobs=s.logprobs - 0.3 * torch.rand(b, t) * rm, segment_ids=seg,
     )
@@ -109,7 +110,7 @@ def test_exopd_lambda_one_is_opd_exactly_and_lambda_zero_is_ref_minus_student():
 def test_exopd_module_matches_opd_at_lambda_one(student_dir):
     batch = synthetic_batch()
     ex = make(ExOPD, student_dir, lam=1.0)
-    assert ex.needs.reference == "student_init" and ex.needs.topk == 8
+    assert ex.needs.reference == "student_init" and ex.step_needs().topk == 8
     sup, ref = ex.supervise(batch), make(OPD, student_dir).supervise(batch)
     assert torch.equal(sup.advantage, ref.advantage) and torch.equal(sup.weight, ref.weight)
     assert sup.stats["exopd/ref_logp_mean"] < 0
@@ -119,13 +120,12 @@ def test_exopd_module_matches_opd_at_lambda_one(student_dir):
 
 def test_teacher_callback_scores_the_reference_on_the_student_view():
     batch = synthetic_batch(b=3)
-    cb = TeacherCallback(path="unused", micro_batch_size=2)
-    cb.teacher, cb.reference = tiny_qwen3(vocab=VOCAB, seed=1), tiny_qwen3(vocab=VOCAB, seed=5)
+    models = TeacherModels(tiny_qwen3(vocab=VOCAB, seed=1), tiny_qwen3(vocab=VOCAB, seed=5), micro_batch_size=2)
     batch.ref_logprobs = None
-    cb.score_batch(batch, Needs(reference="student_init"))
+    models.score(batch, Needs(reference="student_init"))
     ids, am = batch.student_inputs()
     with torch.no_grad():
-        want = score_tokens(cb.reference, ids, am, batch.response_ids, batch.response_mask).logprobs
+        want = score_tokens(models.reference, ids, am, batch.response_ids, batch.response_mask).logprobs
     assert torch.allclose(batch.ref_logprobs, want, atol=1e-6)
 
 
@@ -231,7 +231,7 @@ def test_release_random_permutes_the_bic_release_points(student_dir):
     batch = synthetic_batch(b=4, seg_len=[1, 2, 3, 4])
     rand = attach(make(ReleaseRandom, student_dir, seed=3))
     sup = rand.supervise(batch)
-    rel = batch.extras["release"]
+    rel = batch.release
     assert rel.accepted.all() and rel.release_token.tolist() == [4, 8, 12, 16]
     lengths = batch.response_mask.sum(-1)
     kept = [int((row > 0).sum()) for row in sup.weight]
@@ -247,7 +247,7 @@ def test_release_random_with_one_sample_is_release_bic(student_dir):
         rand = attach(make(ReleaseRandom, student_dir), step=3).supervise(a)
         bic = make(ReleaseBIC, student_dir).supervise(b)
         assert torch.equal(rand.weight, bic.weight) and torch.equal(rand.advantage, bic.advantage)
-        assert b.extras["release"].accepted.all()
+        assert b.release.accepted.all()
 
 
 def test_release_random_rejects_a_bad_seed():
@@ -262,8 +262,8 @@ def test_release_random_rejects_a_bad_seed():
 
 def test_release_uses_its_own_top_k_when_needs_topk_is_larger(student_dir):
     lgr = make(LGR, student_dir, k=8, release={"top_k": 2})
-    assert lgr.needs.topk == 8 and lgr.needs.lookahead == Lookahead(k=8, tau=0.2, segments=8)
-    assert make(LGR, student_dir, k=2, release={"top_k": 4}).needs.topk == 4
+    assert lgr.step_needs().topk == 8 and lgr.needs.lookahead == Lookahead(k=8, tau=0.2, segments=8)
+    assert make(LGR, student_dir, k=2, release={"top_k": 4}).step_needs().topk == 4
     batch = synthetic_batch(k=8)
     rel = lgr.release_decision(batch)
     want = release_weights_batch(
@@ -275,7 +275,7 @@ def test_release_uses_its_own_top_k_when_needs_topk_is_larger(student_dir):
 @pytest.mark.parametrize("top_k, signal", [(4, "margin"), (16, "margin"), (2, "adv_std")])
 def test_release_bic_variants(student_dir, top_k, signal):
     m = make(ReleaseBIC, student_dir, release={"top_k": top_k, "signal": signal})
-    assert m.needs.topk == top_k and m.needs.segments
+    assert m.needs.topk == top_k and m.needs.segments and m.needs.release
     batch = synthetic_batch(k=top_k)
     sup = m.supervise(batch)
     want = release_weights_batch(
@@ -301,13 +301,13 @@ def lookahead_batch(k=4):
     tau = float(batch.student_entropy[valid].median())
     trig = (batch.student_entropy > tau) & valid
     r_raw = lookahead_max_prob_reference(teacher, ids, am, trig, batch.student_topk_ids)
-    batch.extras["lookahead"] = LookaheadResult(trig, r_raw, teacher_calls=2, branch_tokens=int(trig.sum()) * k)
+    batch.lookahead = LookaheadResult(trig, r_raw, teacher_calls=2, branch_tokens=int(trig.sum()) * k)
     return batch
 
 
 def test_lgr_adds_gamma_r_conf_of_the_sampled_token(student_dir):
     batch = lookahead_batch()
-    look = batch.extras["lookahead"]
+    look = batch.lookahead
     assert look.trigger.any() and not look.trigger[batch.response_mask > 0].all()
     opd = make(OPD, student_dir).supervise(batch).advantage
     sup = make(LGR, student_dir, k=4, gamma=0.5).supervise(batch)
@@ -332,8 +332,8 @@ def test_lgr_topk_variant_hands_the_candidates_to_the_loss(student_dir):
     batch = lookahead_batch()
     sup = make(LGR, student_dir, k=4, gamma=2.0, variant="topk").supervise(batch)
     assert torch.equal(sup.advantage, make(OPD, student_dir).supervise(batch).advantage)
-    look = batch.extras["lookahead"]
-    assert torch.equal(sup.candidate_ids, batch.student_topk_ids)
+    look = batch.lookahead
+    assert sup.candidate_k == 4 and "candidate_reward" in sup.checked
     assert (sup.candidate_reward[~look.trigger] == 0).all()
     r = sup.candidate_reward[look.trigger] / 2.0
     assert torch.allclose(r.mean(-1), torch.zeros(r.shape[0]), atol=1e-5)
@@ -341,18 +341,17 @@ def test_lgr_topk_variant_hands_the_candidates_to_the_loss(student_dir):
 
 def test_teacher_callback_fills_the_lookahead_with_one_prefill_per_micro_batch():
     batch = synthetic_batch(b=3, k=4)
-    cb = TeacherCallback(path="unused", micro_batch_size=2)
-    cb.teacher = tiny_qwen3(vocab=VOCAB, seed=1)
+    models = TeacherModels(tiny_qwen3(vocab=VOCAB, seed=1), micro_batch_size=2)
     teacher_lp = batch.teacher_logprobs.clone()
     tau = float(batch.student_entropy[batch.response_mask > 0].median())
     needs = Needs(topk=4, entropy=True, lookahead=Lookahead(k=3, tau=tau, segments=2))
-    cb.score_batch(batch, needs)
-    look = batch.extras["lookahead"]
+    models.score(batch, needs)
+    look = batch.lookahead
     ids, am = batch.teacher_inputs()
     trig = (batch.student_entropy > tau) & (batch.response_mask > 0)
     assert trig.any() and not trig[batch.response_mask > 0].all()
     assert torch.equal(look.trigger, trig)
-    want = lookahead_max_prob_reference(cb.teacher, ids, am, trig, batch.student_topk_ids[..., :3])
+    want = lookahead_max_prob_reference(models.teacher, ids, am, trig, batch.student_topk_ids[..., :3])
     assert torch.allclose(look.r_raw, want, atol=1e-4)
     assert torch.allclose(batch.teacher_logprobs, teacher_lp, atol=1e-6)
     # 2 micro-batches: 2 prefills + at most 2 branch forwards each

@@ -529,7 +529,7 @@ def worker_peer_opd(a: dict[str, Any]) -> dict[str, Any]:
 
     class Clock(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            rollout_s.append(batch.timings.get("rollout_s", 0.0))
+            rollout_s.append(float(trainer.callback_metrics.get("time/rollout_s", 0.0)))
             clock.end_of(batch_idx)
 
     trainer.callbacks.append(Clock())
@@ -802,7 +802,7 @@ class Bench:
 
     # ---- release rule ----------------------------------------------------------------------
     def bench_release(self) -> None:
-        """The release rule's cost to one step, the way the DataModule runs it: sentence
+        """The release rule's cost to one step, the way the step runs it: sentence
         segmentation in a background thread, started after the rollout, overlapping the
         student and teacher scoring passes; the step pays the wait (if any) and the batched
         BIC rule. Also the serial cost (segmentation + rule, nothing overlapped)."""
@@ -810,7 +810,6 @@ class Bench:
 
         import torch
 
-        from opd_lit.data.datamodule import BackgroundSegmentsBatch
         from opd_lit.release import release_weights_batch, segment_ids_batch
         from opd_lit.scoring import score_tokens
 
@@ -836,21 +835,21 @@ class Bench:
         best = None
         with ThreadPoolExecutor(1) as pool:
             for _ in range(self.reps):
-                batch = BackgroundSegmentsBatch(
-                    records=[{}] * r.shape[0], prompt_ids=ids[:, :1], prompt_mask=am[:, :1],
-                    response_ids=r, response_mask=rm, student_logprobs=torch.zeros_like(rm),
-                    student_topk_ids=torch.zeros((*r.shape, 0), dtype=torch.long, device=r.device),
-                )
-                batch.start_segments(pool, seg_tok, r_cpu, rm_cpu)
+                def segment():
+                    t0 = time.perf_counter()
+                    return segment_ids_batch(seg_tok, r_cpu, rm_cpu), time.perf_counter() - t0
+
+                pending = pool.submit(segment)  # as the step does: overlapping the scoring
                 st, te, student_s, teacher_s = scores()
                 adv = (te.logprobs - st.logprobs) * rm
                 t0 = time.perf_counter()
-                seg = batch.segment_ids  # waits for the thread if it is not done
+                seg, seg_own = pending.result()  # waits for the thread if it is not done
+                seg = seg.to(rm.device)
                 t1 = time.perf_counter()
                 release_weights_batch(adv, rm, te.topk_logprobs, seg, signal="margin")
                 _sync()
                 cost = time.perf_counter() - t0
-                run = (cost, t1 - t0, batch.timings["segment_s"], student_s, teacher_s, st, te, seg, adv)
+                run = (cost, t1 - t0, seg_own, student_s, teacher_s, st, te, seg, adv)
                 if best is None or cost < best[0]:
                     best = run
         cost, wait, seg_own, student_s, teacher_s, st, te, seg, adv = best

@@ -41,6 +41,7 @@ class TokenScores:
     topk_ids: torch.Tensor | None = None  # [B, T, K]  the model's own top-K ids (when asked)
     topk_logprobs: torch.Tensor | None = None  # [B, T, K]  log p at topk ids (own or given)
     entropy: torch.Tensor | None = None  # [B, T]  entropy of p(· | y_<t)
+    hidden: torch.Tensor | None = None  # [N, H]  final hidden states predicting the N valid tokens
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -199,6 +200,7 @@ def score_tokens(
     entropy: bool = False,
     chunk_size: int = 4096,
     vocab_chunk_size: int | None = VOCAB_CHUNK,  # vocabulary tile (None: the whole vocabulary)
+    return_hidden: bool = False,  # also keep the [N, H] hidden rows (the full-vocabulary loss)
 ) -> TokenScores:
     """Log-probs of the response tokens (and optionally top-K, entropy) of ``model``.
 
@@ -209,23 +211,14 @@ def score_tokens(
     if topk and gather_ids is not None:
         raise ValueError("pass either gather_ids or topk, not both")
     bsz, width = response_ids.shape
-    prompt_width = input_ids.shape[1] - width
-    if prompt_width < 1:
-        raise ValueError(
-            f"every sequence needs at least one prompt token before the response "
-            f"(input width {input_ids.shape[1]}, response width {width})"
-        )
-    hidden = backbone_hidden(model, input_ids, attention_mask)  # [B, P+T, H]
-    hidden = hidden[:, prompt_width - 1 : prompt_width - 1 + width]  # [B, T, H] predicts y_t
-    valid = response_mask > 0  # [B, T]
-    rows = hidden[valid]  # [N, H]
+    rows, valid = response_hidden(model, input_ids, attention_mask, response_mask)  # [N, H], [B, T]
     targets = response_ids[valid]  # [N]
     k = topk if topk else (gather_ids.shape[-1] if gather_ids is not None else 0)
     ids = gather_ids[valid] if gather_ids is not None else targets.new_zeros((targets.shape[0], 0))
 
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
-    use_ckpt = torch.is_grad_enabled() and hidden.requires_grad
+    use_ckpt = torch.is_grad_enabled() and rows.requires_grad
     pieces: list[tuple[torch.Tensor, ...]] = []
     if use_ckpt and k == 0 and not entropy:
         # The loss path (log-probs only, with gradients): recompute-in-backward, in place.
@@ -260,7 +253,30 @@ def score_tokens(
         nxt = 2
     if entropy:
         result.entropy = scatter(nxt, (bsz, width), torch.float32)
+    if return_hidden:
+        result.hidden = rows
     return result
+
+
+def response_hidden(
+    model: nn.Module,
+    input_ids: torch.Tensor,  # [B, P+T]
+    attention_mask: torch.Tensor,  # [B, P+T]
+    response_mask: torch.Tensor,  # [B, T]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [N, H], valid [B, T])``: the final hidden states that predict the N response
+    tokens with ``response_mask > 0`` (row order = ``valid``'s row-major order)."""
+    width = response_mask.shape[1]
+    prompt_width = input_ids.shape[1] - width
+    if prompt_width < 1:
+        raise ValueError(
+            f"every sequence needs at least one prompt token before the response "
+            f"(input width {input_ids.shape[1]}, response width {width})"
+        )
+    hidden = backbone_hidden(model, input_ids, attention_mask)  # [B, P+T, H]
+    hidden = hidden[:, prompt_width - 1 : prompt_width - 1 + width]  # [B, T, H] predicts y_t
+    valid = response_mask > 0  # [B, T]
+    return hidden[valid], valid
 
 
 def score_tokens_full(
@@ -446,3 +462,126 @@ def fused_logprob_loss(
     logprobs = torch.zeros((bsz, width), dtype=torch.float32, device=response_ids.device)
     logprobs[valid] = lp
     return loss, logprobs
+
+
+# ---------------------------------------------------------------------------
+# the exact per-token reverse KL over the vocabulary (loss.estimator=full)
+# ---------------------------------------------------------------------------
+
+
+def _stream_lse(hidden, weight, bias, vocab_chunk) -> torch.Tensor:
+    """``[N]`` log-sum-exp of ``hidden @ weight.T + bias`` over vocabulary tiles (no grad)."""
+    n, dev = hidden.shape[0], hidden.device
+    run_max = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
+    acc = torch.zeros(n, dtype=torch.float32, device=dev)
+    for v0, v1 in _vocab_tiles(weight.shape[0], vocab_chunk):
+        x = _tile_logits(hidden, weight, bias, v0, v1)
+        new_max = torch.maximum(run_max, x.amax(dim=-1))
+        acc = torch.exp(run_max - new_max) * acc + x.sub_(new_max.unsqueeze(-1)).exp_().sum(-1)
+        run_max = new_max
+        del x
+    return run_max + acc.log()
+
+
+def _target_tile(targets, lses, v0: int, v1: int) -> torch.Tensor:
+    """``[n, v1-v0]``: Σ_m c_m · log p_m over one tile (the target log-probs, unnormalised)."""
+    out = None
+    for (h, w, b, c), lse in zip(targets, lses):
+        x = _tile_logits(h, w, b, v0, v1).sub_(lse.unsqueeze(-1)).mul_(c)
+        out = x if out is None else out.add_(x)
+    return out
+
+
+class _ChunkedReverseKL(torch.autograd.Function):
+    """Per row ``n``: ``KL_n = Σ_v π(v) (log π(v) − log q(v))`` with ``π = softmax(h_n W_sᵀ + b_s)``
+    and ``log q = Σ_m c_m log softmax(g_{m,n} W_mᵀ + b_m)`` (teacher, optionally reference).
+
+    Never more than one ``[chunk, vocab_chunk]`` float32 tile per model alive. Forward: a
+    streaming log-sum-exp per model, then the KL, tile by tile. Backward (only the student
+    side has gradients): ``∂KL_n/∂x_{n,v} = π(v) (log π(v) − log q(v) − KL_n)``, recomputed tile
+    by tile and pushed into ``∂h`` and ``∂W_s``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, vocab_chunk):
+        n_rows = hidden.shape[0]
+        kl = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+        lse_s = torch.zeros_like(kl)
+        lse_m = [torch.zeros_like(kl) for _ in targets]
+        tiles = _vocab_tiles(weight.shape[0], vocab_chunk)
+        for start in range(0, n_rows, chunk_size):
+            sl = slice(start, start + chunk_size)
+            h = hidden[sl]
+            tg = [(g[sl], w, b, c) for g, w, b, c in targets]
+            lse_s[sl] = _stream_lse(h, weight, bias, vocab_chunk)
+            for i, (g, w, b, _) in enumerate(tg):
+                lse_m[i][sl] = _stream_lse(g, w, b, vocab_chunk)
+            acc = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+            for v0, v1 in tiles:
+                s = _tile_logits(h, weight, bias, v0, v1).sub_(lse_s[sl].unsqueeze(-1))
+                q = _target_tile(tg, [m[sl] for m in lse_m], v0, v1)
+                acc += (s.exp() * (s - q)).sum(-1)
+                del s, q
+            kl[sl] = acc
+        ctx.save_for_backward(hidden, weight, bias, lse_s, kl, *lse_m)
+        ctx.targets = targets
+        ctx.chunk_size, ctx.vocab_chunk = chunk_size, vocab_chunk
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        hidden, weight, bias, lse_s, kl, *lse_m = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+                  if need_b and bias is not None else None)
+        g_all = grad_kl.float()
+        tiles = _vocab_tiles(weight.shape[0], ctx.vocab_chunk)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            sl = slice(start, start + ctx.chunk_size)
+            h = hidden[sl]
+            tg = [(g[sl], w, b, c) for g, w, b, c in ctx.targets]
+            for v0, v1 in tiles:
+                s = _tile_logits(h, weight, bias, v0, v1).sub_(lse_s[sl].unsqueeze(-1))
+                q = _target_tile(tg, [m[sl] for m in lse_m], v0, v1)
+                # g · π · (s − q − KL), in place in s's storage
+                g = s.exp() * (s - q - kl[sl].unsqueeze(-1)) * g_all[sl].unsqueeze(-1)
+                if need_h:
+                    grad_h[sl] += g.to(weight.dtype) @ weight[v0:v1]
+                if need_w:
+                    grad_w[v0:v1].addmm_(g.t(), h.float())
+                if grad_b is not None:
+                    grad_b[v0:v1] += g.sum(0)
+                del g, s, q
+        return (
+            grad_h.to(hidden.dtype) if grad_h is not None else None,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
+            None,
+            None,
+        )
+
+
+def chunked_reverse_kl(
+    hidden: torch.Tensor,  # [N, H]  student hidden rows (with gradients)
+    head: nn.Module,  # the student's LM head
+    targets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]],
+    # [(g [N, H_m], W_m [V, H_m], b_m [V] | None, c_m)]: log q = Σ_m c_m log softmax(g W_mᵀ + b_m)
+    *,
+    chunk_size: int = 4096,
+    vocab_chunk_size: int | None = VOCAB_CHUNK,
+) -> torch.Tensor:
+    """``[N]`` exact reverse KL ``KL(π_θ(·|y_<t) ‖ q)`` per row, differentiable in the student.
+
+    Chunked over rows and tiled over the vocabulary (never ``[N, V]`` float32 logits); the
+    target models' rows and weights are constants. ``KL_n`` is ``Σ_v π log π − Σ_v π log q``,
+    so a ``q`` that is not normalised (ExOPD's mixture) shifts it by a constant per row.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros((0,), dtype=torch.float32) + 0 * hidden.sum()
+    targets = [(g.detach(), w.detach(), None if b is None else b.detach(), float(c)) for g, w, b, c in targets]
+    return _ChunkedReverseKL.apply(
+        hidden, head.weight, getattr(head, "bias", None), targets, chunk_size, vocab_chunk_size
+    )

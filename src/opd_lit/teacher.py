@@ -1,16 +1,21 @@
-"""TeacherCallback: scores every rollout once with the frozen teacher (and reference model).
+"""The frozen teacher (and reference model): :class:`TeacherCallback` loads them, the step
+scores with them (:meth:`TeacherModels.score`).
 
-At fit start it loads the teacher, checks that it shares the student's vocabulary (error
-naming both sizes otherwise) and reports how the two chat templates render a sample
-conversation. Before each training step it fills the batch with
+:class:`TeacherCallback` owns the models' life: at set-up it checks that the teacher shares
+the student's vocabulary (an error naming both sizes otherwise), reports how the two chat
+templates render a sample conversation, loads and freezes the teacher and, for ExOPD, the
+reference model; at fit start it moves them to the device, or shards them across ranks under
+``trainer=fsdp`` with ``trainer.strategy.shard_teacher=true``, and logs the template report.
+
+:meth:`TeacherModels.score` is the teacher stage of :func:`opd_lit.step.run_step`. It fills
 
 - ``teacher_logprobs [B, T]``: log p_T of each sampled token, the teacher seeing the prompt in
   its own chat template followed by the student's response tokens;
 - ``teacher_topk_logprobs [B, T, K]``: teacher log-probs at the student's top-K ids;
-- ``ref_logprobs [B, T]`` when the method asks for a reference model (ExOPD);
-- ``extras["lookahead"]`` (:class:`~opd_lit.lookahead.LookaheadResult`) when the method asks
-  for LGR's lookahead: the KV cache of the same teacher prefill is kept and every triggered
-  position's K candidates are scored with a tree attention mask (:mod:`opd_lit.lookahead`).
+- ``ref_logprobs [B, T]`` (and ``ref_topk_logprobs``) when the run has a reference model;
+- ``lookahead`` (:class:`~opd_lit.lookahead.LookaheadResult`) for LGR: the KV cache of the
+  same teacher prefill is kept and every triggered position's K candidates are scored with a
+  tree attention mask (:mod:`opd_lit.lookahead`).
 
 All of it goes through :func:`opd_lit.scoring.score_tokens` (chunked; no ``[B, T, V]`` logits).
 """
@@ -18,12 +23,12 @@ All of it goes through :func:`opd_lit.scoring.score_tokens` (chunked; no ``[B, T
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 
+from opd_lit.batch import Needs, RolloutBatch
 from opd_lit.lookahead import (
     LookaheadResult,
     PrefillCapture,
@@ -31,19 +36,93 @@ from opd_lit.lookahead import (
     entropy_trigger,
     lookahead_max_prob,
 )
-from opd_lit.models import (
-    check_same_vocabulary,
-    freeze,
-    load_causal_lm,
-    template_difference,
-)
-from opd_lit.progress import set_stage
+from opd_lit.models import check_same_vocabulary, freeze, load_causal_lm, template_difference
+from opd_lit.parallel import forward_call, is_sharded
 from opd_lit.scoring import score_tokens
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class TeacherModels:
+    """The frozen models the step scores rollouts with."""
+
+    teacher: torch.nn.Module
+    reference: torch.nn.Module | None = None
+    chunk_size: int = 4096  # positions per lm_head chunk
+    micro_batch_size: int = 64  # rows per teacher forward
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch, needs: Needs) -> None:
+        """Fill the batch's teacher (and reference) fields that ``needs`` asks for."""
+        gather = batch.student_topk_ids if needs.topk else None
+        look = needs.lookahead
+        if look and batch.student_entropy is None:
+            raise RuntimeError("the lookahead needs the student's entropy (needs.entropy)")
+        logps, topks, refs, ref_topks, triggers, r_raws = [], [], [], [], [], []
+        hiddens, ref_hiddens = [], []
+        calls = 0
+        t_ids, t_mask = batch.teacher_inputs()
+        s_ids, s_mask = batch.student_inputs()
+        for start in range(0, batch.batch_size, self.micro_batch_size):
+            rows = slice(start, start + self.micro_batch_size)
+            resp_ids, resp_mask = batch.response_ids[rows], batch.response_mask[rows]
+            cand = None if gather is None else gather[rows]
+            # with a lookahead, keep the KV cache of this (single) teacher prefill
+            model = PrefillCapture(self.teacher) if look else self.teacher
+            s = forward_call(
+                model, score_tokens, t_ids[rows], t_mask[rows], resp_ids, resp_mask,
+                gather_ids=cand, chunk_size=self.chunk_size, return_hidden=needs.hidden,
+            )
+            calls += 1
+            logps.append(s.logprobs)
+            if needs.hidden:
+                hiddens.append(s.hidden)
+            if cand is not None:
+                topks.append(s.topk_logprobs)
+            if look:
+                trig = entropy_trigger(batch.student_entropy[rows], resp_mask, look.tau)
+                r_raw, n = lookahead_max_prob(
+                    self.teacher, model.cache, t_mask[rows], trig,
+                    batch.student_topk_ids[rows, :, : look.k],
+                    segments=look.segments, chunk_size=self.chunk_size,
+                )
+                del model  # frees the KV cache
+                calls += n
+                triggers.append(trig)
+                r_raws.append(r_raw)
+            if self.reference is not None:
+                r = forward_call(
+                    self.reference, score_tokens, s_ids[rows], s_mask[rows], resp_ids, resp_mask,
+                    gather_ids=cand, chunk_size=self.chunk_size, return_hidden=needs.hidden,
+                )
+                refs.append(r.logprobs)
+                if needs.hidden:
+                    ref_hiddens.append(r.hidden)
+                if cand is not None:
+                    ref_topks.append(r.topk_logprobs)
+        batch.teacher_logprobs = torch.cat(logps)
+        if topks:
+            batch.teacher_topk_logprobs = torch.cat(topks)
+        if refs:
+            batch.ref_logprobs = torch.cat(refs)
+        if ref_topks:
+            batch.ref_topk_logprobs = torch.cat(ref_topks)
+        if hiddens:  # packed over valid tokens, row-major over the whole batch
+            batch.teacher_hidden = torch.cat(hiddens)
+        if ref_hiddens:
+            batch.ref_hidden = torch.cat(ref_hiddens)
+        if look:
+            trigger = torch.cat(triggers)
+            batch.lookahead = LookaheadResult(
+                trigger=trigger, r_raw=torch.cat(r_raws), teacher_calls=calls,
+                branch_tokens=int(trigger.sum()) * look.k,
+            )
+
+
 class TeacherCallback(L.Callback):
+    """Loads, freezes, places and reports the teacher and the reference model."""
+
     def __init__(
         self,
         path: str,
@@ -59,13 +138,16 @@ class TeacherCallback(L.Callback):
         self.chunk_size = chunk_size
         self.micro_batch_size = micro_batch_size
         self.name = name or str(path)
-        self.teacher: torch.nn.Module | None = None
-        self.reference: torch.nn.Module | None = None
+        self.models: TeacherModels | None = None
         self.template_report = ""
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        return None if self.models is None else self.models.teacher
 
     # ---- start-up ----------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.teacher is not None:
+        if self.models is not None:
             return
         dm = trainer.datamodule
         dm.prepare_tokenizers()
@@ -78,91 +160,54 @@ class TeacherCallback(L.Callback):
             dm.student_tokenizer, dm.teacher_tokenizer,
             student_kwargs=dm.student_template_kwargs, teacher_kwargs=dm.teacher_template_kwargs,
         )
-        log.info(self.template_report)
-        self.teacher = freeze(
+        log.debug(self.template_report)
+        needs: Needs = pl_module.needs
+        teacher = freeze(
             load_causal_lm(
                 self.path, dtype=self.dtype, attn_implementation=self.attn_implementation,
                 key="teacher.path",
             )
         )
-        if pl_module.needs.lookahead:
-            check_attention(self.teacher)  # before any rollout
-        ref = pl_module.needs.reference
-        if ref:
+        if needs.lookahead:
+            check_attention(teacher)  # before any rollout
+        reference = None
+        if needs.reference:
             # "student_init" reloads the initial student from its path (not a copy of the
             # module), so a resumed run gets the same reference as a fresh one.
+            ref = needs.reference
             path, key = (dm.student_path, "student.path") if ref == "student_init" else (ref, "method.reference")
-            self.reference = freeze(load_causal_lm(path, dtype=self.dtype, key=key))
+            reference = freeze(load_causal_lm(path, dtype=self.dtype, key=key))
+        self.models = TeacherModels(
+            teacher, reference, chunk_size=self.chunk_size, micro_batch_size=self.micro_batch_size
+        )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
+        models = self.models
         check_same_vocabulary(
-            dm.student_tokenizer, dm.teacher_tokenizer, pl_module.student, self.teacher,
+            dm.student_tokenizer, dm.teacher_tokenizer, pl_module.student, models.teacher,
             student_name=f"student ({dm.student_path})", teacher_name=f"teacher ({self.path})",
         )
-        self.teacher.to(pl_module.device)
-        if self.reference is not None:
-            self.reference.to(pl_module.device)
+        strategy = trainer.strategy
+        if getattr(strategy, "shard_teacher", False) and not is_sharded(models.teacher):
+            from opd_lit.parallel import shard_model
+
+            if pl_module.needs.lookahead:
+                raise ValueError(
+                    "trainer.strategy.shard_teacher=true cannot run method=lgr: the lookahead runs "
+                    "a data-dependent number of teacher forwards on each rank, which sharded "
+                    "parameters cannot follow (allowed: shard_teacher=false with lgr)"
+                )
+            mesh = pl_module.device_mesh["data_parallel"]
+            for name in ("teacher", "reference"):
+                model = getattr(models, name)
+                if model is not None:
+                    model.to(pl_module.device)
+                    shard_model(model, mesh, param_dtype=None, reshard_after_forward=True)
+        else:
+            models.teacher.to(pl_module.device)
+            if models.reference is not None:
+                models.reference.to(pl_module.device)
         for lg in trainer.loggers:
             if hasattr(lg, "experiment") and hasattr(lg, "run_id"):
                 lg.experiment.log_text(lg.run_id, self.template_report, "chat_templates.txt")
-
-    # ---- every step --------------------------------------------------------------------
-    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
-        set_stage(trainer, "teacher")
-        t0 = time.perf_counter()
-        self.score_batch(batch, pl_module.needs)
-        batch.timings["teacher_s"] = time.perf_counter() - t0
-
-    @torch.no_grad()
-    def score_batch(self, batch, needs) -> None:
-        gather = batch.student_topk_ids if needs.topk else None
-        look = needs.lookahead
-        if look and batch.student_entropy is None:
-            raise RuntimeError("the lookahead needs the student's entropy (set needs.entropy)")
-        logps, topks, refs, triggers, r_raws = [], [], [], [], []
-        calls = 0
-        t_ids, t_mask = batch.teacher_inputs()
-        if self.reference is not None:
-            s_ids, s_mask = batch.student_inputs()
-        for start in range(0, batch.batch_size, self.micro_batch_size):
-            rows = slice(start, start + self.micro_batch_size)
-            resp_ids, resp_mask = batch.response_ids[rows], batch.response_mask[rows]
-            # with a lookahead, keep the KV cache of this (single) teacher prefill
-            model = PrefillCapture(self.teacher) if look else self.teacher
-            s = score_tokens(
-                model, t_ids[rows], t_mask[rows], resp_ids, resp_mask,
-                gather_ids=None if gather is None else gather[rows], chunk_size=self.chunk_size,
-            )
-            calls += 1
-            logps.append(s.logprobs)
-            if gather is not None:
-                topks.append(s.topk_logprobs)
-            if look:
-                trig = entropy_trigger(batch.student_entropy[rows], resp_mask, look.tau)
-                r_raw, n = lookahead_max_prob(
-                    self.teacher, model.cache, t_mask[rows], trig,
-                    batch.student_topk_ids[rows, :, : look.k],
-                    segments=look.segments, chunk_size=self.chunk_size,
-                )
-                del model  # frees the KV cache
-                calls += n
-                triggers.append(trig)
-                r_raws.append(r_raw)
-            if self.reference is not None:
-                r = score_tokens(
-                    self.reference, s_ids[rows], s_mask[rows], resp_ids, resp_mask,
-                    chunk_size=self.chunk_size,
-                )
-                refs.append(r.logprobs)
-        batch.teacher_logprobs = torch.cat(logps)
-        if topks:
-            batch.teacher_topk_logprobs = torch.cat(topks)
-        if refs:
-            batch.ref_logprobs = torch.cat(refs)
-        if look:
-            trigger = torch.cat(triggers)
-            batch.extras["lookahead"] = LookaheadResult(
-                trigger=trigger, r_raw=torch.cat(r_raws), teacher_calls=calls,
-                branch_tokens=int(trigger.sum()) * look.k,
-            )

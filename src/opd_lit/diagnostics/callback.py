@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from opd_lit.batch import RolloutBatch
+from opd_lit.batch import Needs, RolloutBatch
 from opd_lit.diagnostics import figures as F
 from opd_lit.diagnostics.by_position import (
     NORMALIZE,
@@ -91,12 +91,15 @@ class DiagnosticsCallback(L.Callback):
         self._reset_window()
 
     # ---- wiring ------------------------------------------------------------------------
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        """Ask the method for enough student candidates for the largest margin K."""
+    @property
+    def needs(self) -> Needs:
+        """Enough student candidates for the largest margin K (merged into the step's needs)."""
         if self.enabled and "margin_by_position" in self.figures:
-            pl_module.diagnostic_topk = max(self.margin_ks)
+            return Needs(topk=max(self.margin_ks))
+        return Needs()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        batch = (outputs or {}).get("rollouts") if isinstance(outputs, dict) else None
         if not self.enabled or not isinstance(batch, RolloutBatch):
             return
         if not getattr(trainer, "is_global_zero", True):
@@ -183,7 +186,7 @@ class DiagnosticsCallback(L.Callback):
             if "margin_by_position" in self.figures:
                 self._accumulate_margin(batch, mask)
             if "release_stats" in self.figures or "case_studies" in self.figures:
-                release = batch.extras.get("release")
+                release = batch.release
                 if release is None:
                     why = self._no_release(pl_module)
                     self._skip("release_stats", why)
@@ -277,7 +280,7 @@ class DiagnosticsCallback(L.Callback):
 
         Token rows are built only for rollouts that enter the current top ``case_studies``.
         """
-        release = batch.extras["release"]
+        release = batch.release
         if batch.segment_ids is None:
             return
         mask = batch.response_mask

@@ -101,3 +101,43 @@ def release_summary(rows: Sequence[dict]) -> dict[str, float]:
         "release_pos_frac_std": statistics.pstdev(pos) if len(pos) > 1 else math.nan,
         "kept_frac_mean": _mean(_floats(rows, "release_pos_frac")),
     }
+
+
+def release_metric_sums(release, mask: Tensor) -> dict[str, tuple[float, float]]:
+    """The per-step ``release/*`` metrics as ``{name: (numerator, denominator)}`` over the
+    batch's non-empty responses, so that ranks can add them up before dividing.
+
+    ``release/accepted_frac`` (share of responses with an accepted release),
+    ``release/release_segment_mean``, ``release/num_segments_mean``, ``release/bic_gain_mean``,
+    ``release/release_pos_frac`` (first released token / length; 1.0 = nothing released).
+    """
+    lengths = (mask > 0).sum(-1)  # [B]
+    nonempty = lengths > 0
+    n = float(nonempty.sum())
+    released_at = torch.minimum(release.release_token.to(lengths.dtype), lengths)  # [B]
+    pos = released_at[nonempty].float() / lengths[nonempty].clamp(min=1).float()
+
+    def total(x: Tensor) -> float:
+        return float(x[nonempty].float().sum())
+
+    return {
+        "release/accepted_frac": (total(release.accepted), n),
+        "release/release_segment_mean": (total(release.release_segment), n),
+        "release/num_segments_mean": (total(release.num_segments), n),
+        "release/bic_gain_mean": (total(release.bic_gain), n),
+        "release/release_pos_frac": (float(pos.sum()), n),
+    }
+
+
+def segment_count_sums(segment_ids: Tensor, mask: Tensor) -> dict[str, tuple[float, float]]:
+    """Segments per non-empty response, as ``{name: (numerator, denominator)}``:
+    ``segments/per_response_mean`` and ``segments/two_or_fewer_frac`` (responses with at most
+    two segments, where the BIC test has almost nothing to compare)."""
+    lengths = (mask > 0).sum(-1)  # [B]
+    nonempty = lengths > 0
+    counts = (segment_ids.max(dim=-1).values + 1).clamp(min=0)[nonempty].float()  # [B']
+    n = float(nonempty.sum())
+    return {
+        "segments/per_response_mean": (float(counts.sum()), n),
+        "segments/two_or_fewer_frac": (float((counts <= 2).sum()), n),
+    }

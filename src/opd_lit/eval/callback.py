@@ -68,7 +68,7 @@ class EvalCallback(L.Callback):
         dm.prepare_tokenizers()
         t0 = time.perf_counter()
         result = self.evaluator.evaluate(
-            dm.engine, dm.student_tokenizer, dm.eos_ids, dm.student_template_kwargs
+            pl_module.parts.engine, dm.student_tokenizer, dm.eos_ids, dm.student_template_kwargs
         )
         step = trainer.global_step
         metrics = result.metrics()

@@ -1,64 +1,48 @@
 """The base LightningModule shared by every supervision method.
 
-It owns the student, the optimizer, the loss and the logging. A method subclasses it and
-overrides one function, :meth:`DistillModule.supervise`, which maps a scored rollout batch to
-``(advantage [B, T], weight [B, T], stats)``, and declares what it needs from the teacher
-through :attr:`DistillModule.needs`.
+It owns the student, the optimizer and the step's set-up; the step itself, every stage of it,
+is :func:`opd_lit.step.run_step`. A method subclasses the base and overrides one function,
+:meth:`DistillModule.supervise`, which maps a scored rollout batch to ``(advantage [B, T],
+weight [B, T], stats)``, and declares what it needs from the batch through
+:attr:`DistillModule.needs`. A method with a loss term of its own (LGR's ``topk`` variant)
+also overrides :meth:`DistillModule.extra_loss`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
 
-from opd_lit.batch import RolloutBatch
+from opd_lit.batch import Lookahead, Needs, RolloutBatch
 from opd_lit.models import load_causal_lm
-from opd_lit.objectives import masked_mean, opd_advantage, policy_gradient_loss
-from opd_lit.progress import set_stage
-from opd_lit.scoring import score_tokens
+from opd_lit.objectives import ESTIMATORS, opd_advantage
 from opd_lit.settings import spec_from
 
+log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class Lookahead:
-    """LGR's request to the TeacherCallback: branch the student's top-``k`` candidates at
-    every response position whose student entropy exceeds ``tau``, in ``segments`` forwards."""
-
-    k: int = 8
-    tau: float = 0.2
-    segments: int = 8
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What a method asks of the rollout DataModule and the TeacherCallback.
-
-    ``topk`` is the number of student candidate ids the DataModule records (sorted, most
-    likely first) and the teacher scores; it is the largest K any consumer uses, and each
-    consumer (the release rule, LGR) slices its own ``[..., :k]``.
-    """
-
-    topk: int = 0  # student top-K candidate ids per position, scored by the teacher
-    segments: bool = False  # sentence segment ids of each response
-    reference: str | None = None  # "student_init" or a model path (ExOPD)
-    entropy: bool = False  # the student's entropy at each position
-    lookahead: Lookahead | None = None  # LGR lookahead branches (None: no lookahead)
+__all__ = ["DistillModule", "Lookahead", "Needs", "NonFiniteError", "Supervision"]
 
 
 @dataclass
 class Supervision:
-    advantage: torch.Tensor  # [B, T]
-    weight: torch.Tensor  # [B, T]
-    stats: dict[str, float] = field(default_factory=dict)
-    # Optional extra term over candidate tokens (LGR variant=topk): the loss adds
-    # -Σ_t w_t Σ_k softmax_k(log π_θ(c_k)) · candidate_reward_k / Σ_t mask_t.
-    candidate_ids: torch.Tensor | None = None  # [B, T, K]
-    candidate_reward: torch.Tensor | None = None  # [B, T, K]
+    """What a method hands to the update (every tensor ``[B, T]`` unless noted)."""
+
+    advantage: torch.Tensor  # A_t of the sampled token (the `sampled` estimator's coefficient)
+    weight: torch.Tensor  # w_t ≥ 0: where, and how much, each token is supervised
+    stats: dict[str, float] = field(default_factory=dict)  # the method's own metrics
+    # The target of the `topk` / `full` estimators: log q = c·log p_T + (1 − c)·log p_ref
+    # (ExOPD's λ; 1 = the teacher alone).
+    teacher_coef: float = 1.0
+    # Student candidates scored with gradients in the update, for :meth:`extra_loss`
+    # (``batch.student_topk_ids[..., :candidate_k]``; 0 = none).
+    candidate_k: int = 0
+    # Further per-token inputs that must be finite on response tokens ([B, T] or [B, T, K]).
+    checked: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,6 +71,14 @@ class LossSpec:
     micro_batch_size: int = 64  # rows per forward/backward; the loss is over the whole batch
     chunk_size: int = 4096  # positions per lm_head chunk
     max_skipped_in_a_row: int = 3  # non-finite loss/grad: skip, then stop after this many
+    estimator: str = "sampled"  # sampled | topk | full (objectives.ESTIMATORS)
+    topk: int = 8  # estimator=topk: the student's top-K candidates the KL runs over
+    topk_renorm: bool = True  # estimator=topk: renormalise both distributions over the K
+    # Which log π_θ(y_t) the sampled advantage subtracts: "trainer" (the update's own forward,
+    # the training model's numerics) or "rollout" (what the scoring pass / the engine gave).
+    advantage_logprobs: str = "trainer"
+    rollout_is: bool = False  # token-level truncated importance weight min(π_θ/π_rollout, cap)
+    rollout_is_cap: float = 5.0
 
 
 @dataclass
@@ -98,6 +90,7 @@ class ReleaseSpec:
 
 SIGNALS = ("margin", "adv_std")
 SCHEDULES = ("constant", "cosine")
+ADVANTAGE_LOGPROBS = ("trainer", "rollout")
 
 
 def _spec(cls, values: dict[str, Any] | None, section: str):
@@ -115,8 +108,7 @@ class DistillModule(L.LightningModule):
     """Base of the six methods. Subclasses set ``name`` and override :meth:`supervise`."""
 
     name = "base"
-    uses_release = False  # the method itself needs the release rule's inputs
-    diagnostic_topk = 0  # student top-K the diagnostics' margin curves ask for (DiagnosticsCallback.setup)
+    uses_release = False  # the method itself needs the release rule's decision
 
     def __init__(
         self,
@@ -133,15 +125,7 @@ class DistillModule(L.LightningModule):
         self.optim_spec: OptimSpec = _spec(OptimSpec, optim, "optim")
         self.loss_spec: LossSpec = _spec(LossSpec, loss, "loss")
         self.release_spec: ReleaseSpec = _spec(ReleaseSpec, release, "release")
-        if self.release_spec.signal not in SIGNALS:
-            raise ValueError(f"release.signal={self.release_spec.signal!r} is not one of {list(SIGNALS)}")
-        if self.release_spec.top_k < 2:
-            raise ValueError(
-                f"release.top_k={self.release_spec.top_k}: the teacher margin needs at least 2 "
-                "candidates (allowed: integers >= 2)"
-            )
-        if self.optim_spec.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule={self.optim_spec.schedule!r} is not one of {list(SCHEDULES)}")
+        self._check_specs()
         self.student = load_causal_lm(
             self.student_spec.path,
             dtype=self.student_spec.dtype,
@@ -156,18 +140,47 @@ class DistillModule(L.LightningModule):
         self.student.train()
         self.skipped_steps = 0
         self._skipped_in_a_row = 0
+        self.parts = None  # opd_lit.step.StepParts, built in setup()
+
+    def _check_specs(self) -> None:
+        rel, loss, opt = self.release_spec, self.loss_spec, self.optim_spec
+        if rel.signal not in SIGNALS:
+            raise ValueError(f"release.signal={rel.signal!r} is not one of {list(SIGNALS)}")
+        if rel.top_k < 2:
+            raise ValueError(
+                f"release.top_k={rel.top_k}: the teacher margin needs at least 2 "
+                "candidates (allowed: integers >= 2)"
+            )
+        if opt.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule={opt.schedule!r} is not one of {list(SCHEDULES)}")
+        if loss.estimator not in ESTIMATORS:
+            raise ValueError(f"loss.estimator={loss.estimator!r} is not one of {list(ESTIMATORS)}")
+        if loss.topk < 1:
+            raise ValueError(f"loss.topk={loss.topk}: allowed is an integer >= 1 (candidates per position)")
+        if loss.advantage_logprobs not in ADVANTAGE_LOGPROBS:
+            raise ValueError(
+                f"loss.advantage_logprobs={loss.advantage_logprobs!r} is not one of {list(ADVANTAGE_LOGPROBS)}"
+            )
+        if not (loss.rollout_is_cap > 0 and math.isfinite(loss.rollout_is_cap)):
+            raise ValueError(f"loss.rollout_is_cap={loss.rollout_is_cap}: allowed is a finite number > 0")
 
     # ---- what a method overrides -------------------------------------------------------
     @property
     def needs(self) -> Needs:
-        release = self.uses_release or self.release_spec.diagnose
-        return Needs(
-            topk=max(self.release_spec.top_k if release else 0, self.diagnostic_topk),
-            segments=release,
-        )
+        """What this method reads from the batch (the step adds the estimator's and the
+        diagnostics' needs at set-up)."""
+        if self.uses_release:
+            return Needs(topk=self.release_spec.top_k, segments=True, release=True)
+        return Needs()
 
     def supervise(self, batch: RolloutBatch) -> Supervision:
         raise NotImplementedError
+
+    def extra_loss(self, sup: Supervision, scores, rows: slice, width: int, num_tokens) -> torch.Tensor | None:
+        """A method's own loss term for one micro-batch (``scores``: the student's
+        :class:`~opd_lit.scoring.TokenScores` of rows ``rows`` and ``width`` response columns,
+        with gradients; ``topk_logprobs`` at the ``sup.candidate_k`` candidates). None: none."""
+        return None
 
     def generation_limit(self, default: int) -> int:
         """Max new tokens for this step's rollouts (fixed-prefix truncation overrides it)."""
@@ -178,25 +191,71 @@ class DistillModule(L.LightningModule):
         return opd_advantage(batch.teacher_logprobs, batch.student_logprobs, batch.response_mask)
 
     def release_decision(self, batch: RolloutBatch, advantage: torch.Tensor | None = None):
-        """The BIC release rule on this batch (computed once per batch, then cached)."""
-        if "release" not in batch.extras:
+        """The BIC release rule on this batch (``batch.release``, computed once)."""
+        if batch.release is None:
             from opd_lit.release import release_weights_batch
 
             if advantage is None:
                 advantage = self.opd_advantage(batch)
-            t0 = time.perf_counter()
             topk = batch.teacher_topk_logprobs
             if topk is not None:
                 topk = topk[..., : self.release_spec.top_k]  # needs.topk may be larger (LGR)
-            batch.extras["release"] = release_weights_batch(
-                advantage,
-                batch.response_mask,
-                topk,
-                batch.segment_ids,
-                signal=self.release_spec.signal,
+            batch.release = release_weights_batch(
+                advantage, batch.response_mask, topk, batch.segment_ids, signal=self.release_spec.signal,
             )
-            batch.timings["release_s"] = time.perf_counter() - t0
-        return batch.extras["release"]
+        return batch.release
+
+    # ---- set-up ------------------------------------------------------------------------
+    def step_needs(self, callbacks=()) -> Needs:
+        """The method's needs merged with the estimator's, the release statistics' and those
+        of any callback that declares ``needs`` (the diagnostics' margin figures)."""
+        loss = self.loss_spec
+        estimator = {
+            "sampled": Needs(),
+            "topk": Needs(topk=loss.topk),
+            "full": Needs(hidden=True),
+        }[loss.estimator]
+        diagnose = Needs(topk=self.release_spec.top_k, release=True) if self.release_spec.diagnose else Needs()
+        extra = [cb.needs for cb in callbacks if isinstance(getattr(cb, "needs", None), Needs)]
+        return self.needs.merge(estimator, diagnose, *extra)
+
+    def setup(self, stage: str) -> None:
+        """Assemble the step once: the merged needs, the teacher, the rollout engine."""
+        if self.parts is not None:
+            return
+        from opd_lit.rollout import build_engine
+        from opd_lit.step import StepParts
+        from opd_lit.teacher import TeacherCallback
+
+        trainer = self.trainer
+        teacher_cb = next((c for c in trainer.callbacks if isinstance(c, TeacherCallback)), None)
+        if teacher_cb is None or teacher_cb.models is None:
+            raise RuntimeError("the run has no TeacherCallback (train.build adds it)")
+        dm = trainer.datamodule
+        needs = self.step_needs(trainer.callbacks)
+
+        def make_engine():
+            return build_engine(dm.spec.engine, self.student, **dm.engine_options())
+
+        self.parts = StepParts(data=dm, teacher=teacher_cb.models, needs=needs, make_engine=make_engine)
+
+    def configure_model(self) -> None:
+        """``trainer=fsdp``: shard the student (FSDP2, per decoder layer and root)."""
+        from opd_lit.parallel import FSDP2Strategy, is_sharded, shard_model
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDP2Strategy) or is_sharded(self.student):
+            return
+        shard_model(
+            self.student, self.device_mesh["data_parallel"],
+            param_dtype=strategy.param_dtype(),
+            activation_checkpointing=strategy.activation_checkpointing,
+            reshard_after_forward=strategy.reshard_after_forward,
+        )
+
+    def teardown(self, stage: str) -> None:
+        if self.parts is not None:
+            self.parts.close()
 
     # ---- optimisation ------------------------------------------------------------------
     def configure_optimizers(self):
@@ -219,165 +278,28 @@ class DistillModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def _micro_batches(self, batch: RolloutBatch):
-        """Row slices of at most ``loss.micro_batch_size`` rows, trimmed to their own widths."""
-        mb = max(1, self.loss_spec.micro_batch_size)
-        for start in range(0, batch.batch_size, mb):
-            rows = slice(start, start + mb)
-            mask = batch.response_mask[rows]
-            if mask.sum() == 0:
-                continue
-            width = int(mask.sum(-1).max().item())
-            pmask = batch.prompt_mask[rows]
-            first = int((pmask.sum(0) > 0).nonzero()[0].item()) if pmask.any() else pmask.shape[1] - 1
-            yield rows, first, width
+    def training_step(self, batch: list[dict[str, Any]], batch_idx: int):
+        from opd_lit.step import run_step
 
-    def training_step(self, batch: RolloutBatch, batch_idx: int):
-        set_stage(self.trainer, "update")
-        t0 = time.perf_counter()
-        sup = self.supervise(batch)
-        advantage, weight = sup.advantage.detach(), sup.weight.detach()
-        mask = batch.response_mask
-        num_tokens = mask.sum()
-        # Numeric guard: padding never carries a NaN/inf into the loss (NaN * 0 is NaN), and a
-        # non-finite advantage or weight on a real token skips the update (no forward at all).
-        valid = mask > 0
-        bad_inputs = [
-            name for name, x in (("advantage", advantage), ("weight", weight), ("candidate_reward", sup.candidate_reward))
-            if x is not None and not bool(torch.isfinite(x[valid]).all())
-        ]
-        advantage = torch.where(valid, advantage, torch.zeros_like(advantage))
-        weight = torch.where(valid, weight, torch.zeros_like(weight))
-
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        opt.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.device)
-        for rows, first, width in (self._micro_batches(batch) if not bad_inputs else ()):
-            ids = torch.cat([batch.prompt_ids[rows, first:], batch.response_ids[rows, :width]], 1)
-            am = torch.cat([batch.prompt_mask[rows, first:], mask[rows, :width].long()], 1)
-            cand = None if sup.candidate_ids is None else sup.candidate_ids[rows, :width]
-            scores = score_tokens(
-                self.student, ids, am, batch.response_ids[rows, :width], mask[rows, :width],
-                gather_ids=cand, chunk_size=self.loss_spec.chunk_size,
-            )
-            loss = policy_gradient_loss(
-                scores.logprobs, advantage[rows, :width], weight[rows, :width], num_tokens
-            )
-            if cand is not None:
-                from opd_lit.lookahead import expected_group_reward_loss
-
-                loss = loss + expected_group_reward_loss(
-                    scores.topk_logprobs, sup.candidate_reward[rows, :width],
-                    weight[rows, :width], num_tokens,
-                )
-            self.manual_backward(loss)
-            total = total + loss.detach()
-
-        grad_norm = self._grad_norm()
-        if bad_inputs:
-            total = torch.full((), float("nan"), device=self.device)  # logged: no loss this step
-        bad = bad_inputs or [
-            name for name, ok in (("loss", bool(torch.isfinite(total))), ("gradient", math.isfinite(grad_norm)))
-            if not ok
-        ]
-        if not bad:
-            self._skipped_in_a_row = 0
-            opt.step()
-        else:
-            opt.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self._skipped_in_a_row += 1
-            if self._skipped_in_a_row >= self.loss_spec.max_skipped_in_a_row:
-                raise NonFiniteError(
-                    f"{self._skipped_in_a_row} steps in a row had a non-finite "
-                    f"{' / '.join(bad)} (loss={float(total)}, grad_norm={grad_norm}); stopping at "
-                    f"step {self.trainer.global_step} (loss.max_skipped_in_a_row="
-                    f"{self.loss_spec.max_skipped_in_a_row}; the previous updates are in the last checkpoint)"
-                )
-            # No gradients, so the optimizer changes nothing; the step still counts, which keeps
-            # the global step equal to the data position (what a resumed run restarts from).
-            opt.step()
-        sched.step()
-        update_s = time.perf_counter() - t0
-
-        metrics = self._step_metrics(batch, sup, advantage, weight, total, grad_norm, update_s)
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch.batch_size)
+        metrics, rollouts = run_step(self, batch)
+        n = len(batch)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n)
         for key in ("train/loss", "train/kept_frac", "rollout/accuracy"):
             if key in metrics:
-                self.log(key.split("/")[-1], metrics[key], prog_bar=True, logger=False,
-                         batch_size=batch.batch_size)
-        return total
+                self.log(key.split("/")[-1], metrics[key], prog_bar=True, logger=False, batch_size=n)
+        return {"rollouts": rollouts}  # the scored batch, for the diagnostics
 
-    def _grad_norm(self) -> float:
-        params = [p for p in self.student.parameters() if p.grad is not None]
-        if not params:
-            return 0.0
-        clip = self.optim_spec.max_grad_norm if self.optim_spec.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        return float(norm)
+    # ---- the numeric guard's bookkeeping (called by the update) ------------------------
+    def record_good_step(self) -> None:
+        self._skipped_in_a_row = 0
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "sync_weights"):
-            seconds = dm.sync_weights(self.student)
-            self.log("rollout/sync_s", seconds, on_step=True, batch_size=1)
-
-    # ---- logging -----------------------------------------------------------------------
-    def _step_metrics(self, batch, sup, advantage, weight, loss, grad_norm, update_s) -> dict:
-        mask = batch.response_mask
-        valid = mask > 0
-        n_tok = max(1.0, float(mask.sum()))
-        lengths = mask.sum(-1)
-        t = batch.timings
-        m: dict[str, float] = {
-            "train/loss": float(loss),
-            "train/adv_mean": float(masked_mean(advantage, mask)),
-            "train/kept_frac": float(((weight > 0) & valid).sum()) / n_tok,
-            "train/grad_norm": grad_norm,
-            "train/lr": float(self.optimizers().param_groups[0]["lr"]),
-            "train/skipped_steps": float(self.skipped_steps),
-            "rollout/response_len_mean": float(lengths.mean()),
-            "rollout/response_len_max": float(lengths.max()),
-            "rollout/tokens_per_s": t.get("rollout_tokens", 0.0) / max(t.get("rollout_s", 0.0), 1e-9),
-            "teacher/tokens_per_s": float(mask.sum()) / max(t.get("teacher_s", 0.0), 1e-9),
-            "teacher/logp_mean": float(masked_mean(batch.teacher_logprobs, mask)),
-            "student/logp_mean": float(masked_mean(batch.student_logprobs, mask)),
-            "time/rollout_s": t.get("rollout_s", 0.0),
-            "time/teacher_s": t.get("teacher_s", 0.0),
-            "time/student_score_s": t.get("student_score_s", 0.0),
-            "time/segment_s": t.get("segment_s", 0.0),
-            "time/update_s": update_s,
-        }
-        if batch.student_entropy is not None:
-            m["student/entropy_mean"] = float(masked_mean(batch.student_entropy, mask))
-        acc = self._rollout_accuracy(batch)
-        if acc is not None:
-            m["rollout/accuracy"] = acc
-        if self.needs.segments and batch.teacher_topk_logprobs is not None:
-            rel = self.release_decision(batch)
-            m["time/release_s"] = t.get("release_s", 0.0)
-            nonempty = lengths > 0
-            released_at = torch.minimum(rel.release_token.to(lengths.dtype), lengths)
-            if nonempty.any():
-                m.update({
-                    "release/accepted_frac": float(rel.accepted[nonempty].float().mean()),
-                    "release/release_segment_mean": float(rel.release_segment[nonempty].float().mean()),
-                    "release/num_segments_mean": float(rel.num_segments[nonempty].float().mean()),
-                    "release/bic_gain_mean": float(rel.bic_gain[nonempty].float().mean()),
-                    # relative position of the release point (1.0 = nothing released)
-                    "release/release_pos_frac": float(
-                        (released_at[nonempty] / lengths[nonempty].clamp(min=1)).mean()
-                    ),
-                })
-        m.update(sup.stats)
-        return m
-
-    def _rollout_accuracy(self, batch: RolloutBatch) -> float | None:
-        answers = [r.get("answer") for r in batch.records]
-        texts = batch.extras.get("response_text")
-        if texts is None or any(a is None for a in answers):
-            return None
-        from opd_lit.eval.graders import grade_math
-
-        return sum(grade_math(t, a) for t, a in zip(texts, answers)) / max(1, len(answers))
+    def record_skipped_step(self, bad: list[str], loss: float, grad_norm: float) -> None:
+        self.skipped_steps += 1
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row >= self.loss_spec.max_skipped_in_a_row:
+            raise NonFiniteError(
+                f"{self._skipped_in_a_row} steps in a row had a non-finite "
+                f"{' / '.join(bad)} (loss={loss}, grad_norm={grad_norm}); stopping at "
+                f"step {self.trainer.global_step} (loss.max_skipped_in_a_row="
+                f"{self.loss_spec.max_skipped_in_a_row}; the previous updates are in the last checkpoint)"
+            )

@@ -52,7 +52,7 @@ class ExOPD(DistillModule):
 
     @property
     def needs(self) -> Needs:
-        return dataclasses.replace(super().needs, reference=self.reference)
+        return dataclasses.replace(super().needs, reference=self.reference)  # [B, T] ref log-probs
 
     def supervise(self, batch) -> Supervision:
         if batch.ref_logprobs is None:
@@ -64,4 +64,4 @@ class ExOPD(DistillModule):
             batch.teacher_logprobs, batch.ref_logprobs, batch.student_logprobs, mask, self.lam
         )  # [B, T]
         stats = {"exopd/ref_logp_mean": float(masked_mean(batch.ref_logprobs, mask))}
-        return Supervision(advantage, mask.clone(), stats)
+        return Supervision(advantage, mask.clone(), stats, teacher_coef=self.lam)

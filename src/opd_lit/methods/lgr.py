@@ -25,12 +25,12 @@ the student's own probability (:func:`opd_lit.lookahead.expected_group_reward_lo
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 
-from opd_lit.lookahead import group_normalise, sampled_candidate_reward
+from opd_lit.lookahead import expected_group_reward_loss, group_normalise, sampled_candidate_reward
 from opd_lit.methods.base import DistillModule, Lookahead, Needs, Supervision
 
 VARIANTS = ("sampled", "topk")
@@ -47,6 +47,11 @@ def _int_at_least(key: str, value, low: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{key}={value!r}: allowed is an integer >= {low} ({what})")
     return value
+
+
+@dataclass
+class LGRSupervision(Supervision):
+    candidate_reward: torch.Tensor | None = None  # [B, T, K]  γ·r_conf of each candidate (topk variant)
 
 
 class LGR(DistillModule):
@@ -70,20 +75,23 @@ class LGR(DistillModule):
         if variant not in VARIANTS:
             raise ValueError(f"method.variant={variant!r} is not one of {list(VARIANTS)}")
         super().__init__(**kwargs)
+        if variant == "sampled" and self.loss_spec.estimator != "sampled":
+            raise ValueError(
+                f"method.variant=sampled with loss.estimator={self.loss_spec.estimator}: the sampled "
+                "variant adds its reward to the sampled token's advantage; allowed: "
+                "loss.estimator=sampled, or method.variant=topk with any estimator"
+            )
         self.k, self.tau, self.gamma, self.variant, self.segments = k, tau, gamma, variant, segments
 
     @property
     def needs(self) -> Needs:
-        base = super().needs
-        return dataclasses.replace(
-            base,
-            topk=max(base.topk, self.k),  # the release diagnostics may want a different K
-            entropy=True,
+        return Needs(
+            topk=self.k, entropy=True,
             lookahead=Lookahead(k=self.k, tau=self.tau, segments=self.segments),
         )
 
     def supervise(self, batch) -> Supervision:
-        look = batch.extras.get("lookahead")
+        look = batch.lookahead
         if look is None:
             raise RuntimeError(
                 "lgr: the batch has no teacher lookahead (needs.lookahead was not honoured)"
@@ -109,7 +117,17 @@ class LGR(DistillModule):
         weight = mask.clone()
         if self.variant == "sampled":
             return Supervision(advantage + self.gamma * reward, weight, stats)
-        return Supervision(
-            advantage, weight, stats,
-            candidate_ids=cand, candidate_reward=(self.gamma * r_conf).to(torch.float32),
+        cand_reward = (self.gamma * r_conf).to(torch.float32)  # [B, T, K]
+        return LGRSupervision(
+            advantage, weight, stats, candidate_k=self.k,
+            checked={"candidate_reward": cand_reward}, candidate_reward=cand_reward,
+        )
+
+    def extra_loss(self, sup, scores, rows, width, num_tokens):
+        """The topk variant's term: −γ·Σ_k π̄_θ(c_k)·r_conf(c_k) per triggered position."""
+        if not isinstance(sup, LGRSupervision) or sup.candidate_reward is None:
+            return None
+        return expected_group_reward_loss(
+            scores.topk_logprobs[..., : self.k], sup.candidate_reward[rows, :width],
+            sup.weight[rows, :width], num_tokens,
         )

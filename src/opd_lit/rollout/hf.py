@@ -2,6 +2,9 @@
 
 The engine samples from the very module being trained, so weight sync is a no-op; it still
 goes through :meth:`sync_weights` so that the training loop is the same for every engine.
+Under ``trainer=fsdp`` the sharded student is gathered for the duration of each ``generate``
+(:func:`opd_lit.parallel.full_parameters`): every rank samples its own prompts to its own
+lengths, with no collective inside the decoding loop.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from opd_lit.batch import left_pad
+from opd_lit.parallel import full_parameters
 from opd_lit.rollout.base import Generation, SamplingParams
 
 
@@ -30,29 +34,30 @@ class HFEngine:
         device = next(model.parameters()).device
         out: list[list[int]] = []
         try:
-            for start in range(0, len(prompts), self.batch_size):
-                chunk = prompts[start : start + self.batch_size]
-                ids, mask = left_pad(chunk, self.pad_id)
-                kwargs = dict(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=params.max_new_tokens,
-                    eos_token_id=self.eos_ids,
-                    pad_token_id=self.pad_id,
-                    num_return_sequences=n,
-                    use_cache=True,
-                )
-                if params.greedy:
-                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                else:
-                    kwargs.update(
-                        do_sample=True,
-                        temperature=params.temperature,
-                        top_p=params.top_p,
-                        top_k=params.top_k,  # 0 disables generate's default top_k=50
+            with full_parameters(model):
+                for start in range(0, len(prompts), self.batch_size):
+                    chunk = prompts[start : start + self.batch_size]
+                    ids, mask = left_pad(chunk, self.pad_id)
+                    kwargs = dict(
+                        input_ids=ids.to(device),
+                        attention_mask=mask.to(device),
+                        max_new_tokens=params.max_new_tokens,
+                        eos_token_id=self.eos_ids,
+                        pad_token_id=self.pad_id,
+                        num_return_sequences=n,
+                        use_cache=True,
                     )
-                seqs = model.generate(**kwargs)[:, ids.shape[1] :].tolist()
-                out.extend(self._strip(s) for s in seqs)
+                    if params.greedy:
+                        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                    else:
+                        kwargs.update(
+                            do_sample=True,
+                            temperature=params.temperature,
+                            top_p=params.top_p,
+                            top_k=params.top_k,  # 0 disables generate's default top_k=50
+                        )
+                    seqs = model.generate(**kwargs)[:, ids.shape[1] :].tolist()
+                    out.extend(self._strip(s) for s in seqs)
         finally:
             model.train(was_training)
         return Generation(response_ids=out)

@@ -256,13 +256,19 @@ class VLLMEngine:
 
     # ---- weight sync -------------------------------------------------------------------
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Load ``model``'s current weights into the engine in place, then drop cached KV."""
+        """Load ``model``'s current weights into the engine in place, then drop cached KV.
+
+        A sharded student (``trainer=fsdp``) is gathered one tensor at a time as vLLM reads it
+        (:func:`opd_lit.parallel.full_state_tensors`; every rank syncs its own engine in step),
+        so no rank holds a second full copy of the model beside the engine's own.
+        """
+        from opd_lit.parallel import full_state_tensors
+
         t0 = time.perf_counter()
-        state = model.state_dict()
         if self.in_process:
-            weights = ((name, t.detach()) for name, t in state.items())
+            weights = full_state_tensors(model)
         else:
-            weights = [(name, t.detach().to("cpu")) for name, t in state.items()]
+            weights = [(name, t.to("cpu")) for name, t in full_state_tensors(model)]
         with torch.no_grad():
             self.llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
