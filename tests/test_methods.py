@@ -21,11 +21,11 @@ from opd_lit.methods import (
     ReleaseRandom,
 )
 from opd_lit.methods.functional import (
-    clip_release_tokens,
     exopd_advantage,
-    permute_release_tokens,
+    permute_release_points,
     prefix_weight,
     scheduled_prefix_len,
+    stratified_permutation,
 )
 from opd_lit.objectives import opd_advantage
 from opd_lit.release import apply_release_tokens, release_weights_batch
@@ -149,16 +149,17 @@ def test_exopd_rejects_a_missing_reference(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_prefix_weight_has_no_weight_past_L_and_keeps_the_mass():
+def test_prefix_weight_is_the_plain_prefix_mask_by_default_and_rescales_on_request():
     mask = torch.ones(3, 10)
     mask[1, 6:] = 0
     mask[2, 2:] = 0
-    w, scale = prefix_weight(mask, 4)
+    # §4.1: the standard OPD objective halted after L tokens, no rescaling
+    plain, one = prefix_weight(mask, 4)
+    assert torch.equal(plain, mask * (torch.arange(10) < 4)) and (one == 1).all()
+    w, scale = prefix_weight(mask, 4, rescale=True)  # the named variant
     assert (w[:, 4:] == 0).all()
     assert torch.allclose(w.sum(-1), mask.sum(-1))  # rescaled: each sample keeps its loss mass
     assert scale.tolist() == [2.5, 1.5, 1.0]
-    plain, one = prefix_weight(mask, 4, rescale=False)
-    assert torch.equal(plain, mask * (torch.arange(10) < 4)) and (one == 1).all()
 
 
 def test_prefix_schedule_end_points():
@@ -175,15 +176,16 @@ def test_fixed_prefix_module_weights_and_schedule(student_dir):
     batch = synthetic_batch()
     m = attach(make(FixedPrefix, student_dir, prefix_len=12, schedule="linear", start_len=4), step=0, max_steps=5)
     sup = m.supervise(batch)
-    assert (sup.weight[:, 4:] == 0).all() and sup.stats["fixed_prefix/prefix_len"] == 4.0
-    assert torch.allclose(sup.weight.sum(-1), batch.response_mask.sum(-1))
+    assert torch.equal(sup.weight, batch.response_mask * (torch.arange(24) < 4))  # no rescaling
+    assert sup.stats["fixed_prefix/prefix_len"] == 4.0
     assert torch.equal(sup.advantage, make(OPD, student_dir).supervise(batch).advantage)
     attach(m, step=4, max_steps=5)
     sup = m.supervise(batch)
-    assert (sup.weight[:, 12:] == 0).all() and (sup.weight[:, :12] > 0).all()  # rows are >= 12 long
+    assert torch.equal(sup.weight, batch.response_mask * (torch.arange(24) < 12))
     assert m.generation_limit(96) == 96  # truncation is off
-    off = make(FixedPrefix, student_dir, prefix_len=12, rescale=False).supervise(batch)
-    assert torch.equal(off.weight, batch.response_mask * (torch.arange(24) < 12))
+    scaled = make(FixedPrefix, student_dir, prefix_len=12, rescale=True).supervise(batch)
+    assert (scaled.weight[:, 12:] == 0).all()
+    assert torch.allclose(scaled.weight.sum(-1), batch.response_mask.sum(-1))
 
 
 def test_truncated_generation_stops_at_L(student_dir):
@@ -217,28 +219,102 @@ def test_fixed_prefix_rejects_bad_input(kwargs, match):
 # ---------------------------------------------------------------------------
 
 
-def test_permutation_preserves_the_multiset_of_release_points():
-    release = torch.tensor([3, 17, 40, 40, 9, 64, 0, 5])
+def lognormal_release_batch(b=1024, released=0.6, seed=0, t=16384, length_coupled=False):
+    """Issue 16's synthetic batch: log-normal lengths (median 3000, sigma 0.8, within
+    [32, t]), ``released`` of the samples released at a uniform 10-70% of their length
+    (``length_coupled``: longer responses release relatively earlier, around 40% - 15% per
+    sigma of log-length)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.exp(math.log(3000) + 0.8 * torch.randn(b, generator=g)).round().clamp(32, t).long()
+    hit = torch.rand(b, generator=g) < released
+    if length_coupled:
+        z = (lengths.double().log() - math.log(3000)) / 0.8
+        frac = (0.4 - 0.15 * z + 0.1 * torch.randn(b, generator=g, dtype=torch.float64)).clamp(0.05, 0.95)
+    else:
+        frac = 0.1 + 0.6 * torch.rand(b, generator=g, dtype=torch.float64)
+    release = torch.where(hit, (frac * lengths).floor().long().clamp_min(1), torch.full_like(lengths, t))
+    return release, lengths
+
+
+def fractions(release, lengths):
+    """(released fraction of samples, kept fraction of tokens)."""
+    kept = torch.minimum(release, lengths)
+    return float((kept < lengths).float().mean()), float(kept.sum() / lengths.sum())
+
+
+@pytest.mark.parametrize("length_coupled", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_release_keeps_the_released_and_the_kept_token_fractions(seed, length_coupled):
+    release, lengths = lognormal_release_batch(seed=seed, length_coupled=length_coupled)
+    released, kept = fractions(release, lengths)
+    assert abs(released - 0.6) < 0.05
+    g = torch.Generator().manual_seed(100 + seed)
+    moved = permute_release_points(release, lengths, g)  # the default: relative, strata of 32
+    assert fractions(moved, lengths)[0] == released  # exactly
+    assert abs(fractions(moved, lengths)[1] - kept) < 0.005  # measured: within 0.4 points
+    assert not torch.equal(moved, torch.minimum(release, lengths))  # the points did move
+    # the first version (absolute positions over the whole batch, clipped) loses supervision
+    old = permute_release_points(release, lengths, g, mode="absolute", stratum_size=None)
+    old_released, old_kept = fractions(old, lengths)
+    assert old_released < released - 0.04
+    if not length_coupled:  # the issue's batch: 60% released, 64% of the tokens kept
+        assert abs(kept - 0.64) < 0.03 and old_kept < kept - 0.02
+
+
+def test_random_release_relative_points_move_with_their_multiset_kept():
+    release = torch.tensor([3, 17, 40, 40, 9, 64, 2, 5])
+    lengths = torch.tensor([10, 20, 40, 50, 30, 64, 8, 16])
     g = torch.Generator().manual_seed(7)
-    moved = permute_release_tokens(release, g)
-    assert sorted(moved.tolist()) == sorted(release.tolist())
-    assert not torch.equal(moved, release)  # this seed moves them
-    assert torch.equal(permute_release_tokens(release[:1], torch.Generator().manual_seed(7)), release[:1])
-    assert clip_release_tokens(torch.tensor([3, 50, 64]), torch.tensor([10, 20, 64])).tolist() == [3, 20, 64]
+    moved = permute_release_points(release, lengths, g, stratum_size=None)
+    relative = torch.minimum(release, lengths).double() / lengths
+    assert (moved >= 1).all() and (moved <= lengths).all()
+    released = moved < lengths
+    assert int(released.sum()) == int((release < lengths).sum())
+    # every moved point is some sample's relative point on the new length (rounded)
+    for b in range(8):
+        if released[b]:
+            assert any(abs(moved[b] - r * lengths[b]) <= 0.5 for r in relative.tolist() if r < 1)
+    # a one-sample batch and samples too short to release keep their own point
+    one = permute_release_points(release[:1], lengths[:1], torch.Generator().manual_seed(7))
+    assert one.tolist() == [3]
+    short = permute_release_points(torch.tensor([0, 5, 2]), torch.tensor([1, 10, 10]), g, stratum_size=None)
+    assert short[0] == 1
+    with pytest.raises(ValueError, match=r"method\.permute='tokens': allowed is one of \['relative', 'absolute'\]"):
+        permute_release_points(release, lengths, g, mode="tokens")
+
+
+def test_stratified_permutation_stays_within_length_strata():
+    lengths = torch.tensor([5, 100, 6, 101, 7, 102, 8, 103])
+    src = stratified_permutation(lengths, torch.Generator().manual_seed(0), stratum_size=4)
+    assert sorted(src.tolist()) == list(range(8))
+    short, long = {0, 2, 4, 6}, {1, 3, 5, 7}
+    assert all((b in short) == (int(src[b]) in short) for b in range(8))
+    assert all((b in long) == (int(src[b]) in long) for b in range(8))
+    again = stratified_permutation(lengths, torch.Generator().manual_seed(0), stratum_size=4)
+    assert torch.equal(src, again)  # a pure function of the lengths and the generator
+    eligible = torch.tensor([True, True, False, True, True, True, True, True])
+    assert stratified_permutation(lengths, torch.Generator().manual_seed(1), None, eligible)[2] == 2
 
 
 def test_release_random_permutes_the_bic_release_points(student_dir):
     batch = synthetic_batch(b=4, seg_len=[1, 2, 3, 4])
-    rand = attach(make(ReleaseRandom, student_dir, seed=3))
+    rand = attach(make(ReleaseRandom, student_dir, seed=3, permute="absolute", stratum_size=None))
     sup = rand.supervise(batch)
     rel = batch.release
     assert rel.accepted.all() and rel.release_token.tolist() == [4, 8, 12, 16]
     lengths = batch.response_mask.sum(-1)
     kept = [int((row > 0).sum()) for row in sup.weight]
     assert sorted(kept) == [4, 8, 12, 16] and kept != [4, 8, 12, 16]
+    assert sup.stats["release_random/released_frac"] == 1.0
     assert torch.allclose(sup.weight.sum(-1), lengths)  # the usual mass-preserving rescale
-    again = attach(make(ReleaseRandom, student_dir, seed=3)).supervise(synthetic_batch(b=4, seg_len=[1, 2, 3, 4]))
-    assert torch.equal(again.weight, sup.weight)  # seeded
+    again = attach(make(ReleaseRandom, student_dir, seed=3, permute="absolute", stratum_size=None))
+    assert torch.equal(again.supervise(synthetic_batch(b=4, seg_len=[1, 2, 3, 4])).weight, sup.weight)  # seeded
+    # the default moves relative points: every sample released, at another sample's fraction
+    relative = attach(make(ReleaseRandom, student_dir, seed=3)).supervise(synthetic_batch(b=4, seg_len=[1, 2, 3, 4]))
+    assert relative.stats["release_random/released_frac"] == 1.0
+    fracs = sorted(int((row > 0).sum()) / float(n) for row, n in zip(relative.weight, lengths))
+    own = sorted(k / float(n) for k, n in zip([4, 8, 12, 16], lengths))
+    assert all(abs(a - b) <= 0.5 / 18 for a, b in zip(fracs, own))
 
 
 def test_release_random_with_one_sample_is_release_bic(student_dir):
@@ -250,9 +326,13 @@ def test_release_random_with_one_sample_is_release_bic(student_dir):
         assert b.release.accepted.all()
 
 
-def test_release_random_rejects_a_bad_seed():
+def test_release_random_rejects_bad_input():
     with pytest.raises(ValueError, match=r"method\.seed=-1: allowed is null .* or an integer >= 0"):
         ReleaseRandom(seed=-1)
+    with pytest.raises(ValueError, match=r"method\.permute='tokens': allowed is one of"):
+        ReleaseRandom(permute="tokens")
+    with pytest.raises(ValueError, match=r"method\.stratum_size=1: allowed is null .* or an integer >= 2"):
+        ReleaseRandom(stratum_size=1)
 
 
 # ---------------------------------------------------------------------------
@@ -378,7 +458,7 @@ def test_lgr_rejects_bad_input(kwargs, match):
 def test_rescaling_is_the_release_rules_own(student_dir):
     mask = torch.ones(2, 6)
     mask[1, 4:] = 0
-    w, _ = prefix_weight(mask, 3)
+    w, _ = prefix_weight(mask, 3, rescale=True)
     assert torch.equal(w, apply_release_tokens(mask, torch.tensor([3, 3]))[0])
 
 
@@ -388,17 +468,38 @@ def test_rescaling_is_the_release_rules_own(student_dir):
 
 
 @pytest.mark.parametrize(
-    "preset, prefix_len, truncate",
-    [("fixed_prefix", 48, False), ("fixed_prefix_1024", 1024, False),
-     ("fixed_prefix_2048", 2048, False), ("fixed_prefix_4096", 4096, False),
-     ("fixed_prefix_8192", 8192, False), ("fastopd_2048", 2048, True)],
+    "preset, prefix_len, truncate, rescale",
+    [("fixed_prefix", 48, False, False), ("fixed_prefix_1024", 1024, False, False),
+     ("fixed_prefix_2048", 2048, False, False), ("fixed_prefix_4096", 4096, False, False),
+     ("fixed_prefix_8192", 8192, False, False), ("fastopd_2048", 2048, False, False),
+     ("fastopd_2048_truncated", 2048, True, False), ("fixed_prefix_2048_rescaled", 2048, False, True)],
 )
-def test_fixed_prefix_presets_compose(tmp_path, preset, prefix_len, truncate):
+def test_fixed_prefix_presets_compose(tmp_path, preset, prefix_len, truncate, rescale):
     from e2e import compose_cfg
 
     cfg = compose_cfg(tmp_path, f"method={preset}")
     assert cfg.method.name == "fixed_prefix" and cfg.method._target_.endswith("FixedPrefix")
     assert cfg.method.prefix_len == prefix_len and cfg.method.truncate_generation is truncate
+    assert cfg.method.rescale is rescale
+
+
+def test_table3_fastopd_is_table1_fixed_prefix_2048(tmp_path):
+    """§4.5: FastOPD's prefix 2048 is the main results' best-balanced setting, i.e. one method."""
+    from e2e import compose_cfg
+
+    fast = dict(compose_cfg(tmp_path, "method=fastopd_2048").method)
+    table1 = dict(compose_cfg(tmp_path, "method=fixed_prefix_2048").method)
+    assert fast.pop("label") == "FastOPD" and table1.pop("label") == "Fixed-prefix OPD-2048"
+    assert fast == table1
+
+
+def test_release_random_presets_compose(tmp_path):
+    from e2e import compose_cfg
+
+    default = compose_cfg(tmp_path, "method=release_random").method
+    assert default.permute == "relative" and default.stratum_size == 32
+    first = compose_cfg(tmp_path, "method=release_random_absolute").method
+    assert first.permute == "absolute" and first.stratum_size is None and first.name == "release_random"
 
 
 def test_every_method_config_names_its_class(tmp_path):

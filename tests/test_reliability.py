@@ -130,31 +130,34 @@ def test_ctrl_c_checkpoints_marks_killed_and_exits_cleanly_then_resumes(tmp_path
 @pytest.fixture
 def faults(monkeypatch):
     """Inject NaN teacher log-probs / empty responses at chosen steps; record the weights."""
+    import opd_lit.step as step
     from opd_lit.rollout.base import Generation
     from opd_lit.rollout.hf import HFEngine
-    from opd_lit.teacher import TeacherCallback
+    from opd_lit.teacher import TeacherModels
 
-    state = {"nan_steps": set(), "empty_all": set(), "empty_half": set(), "weights": {}, "calls": 0}
-    orig_start = TeacherCallback.on_train_batch_start
-    orig_generate = HFEngine.generate
+    state = {"nan_steps": set(), "empty_all": set(), "empty_half": set(), "weights": {}, "step": None}
+    orig_step, orig_score, orig_generate = step.run_step, TeacherModels.score, HFEngine.generate
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        step = trainer.global_step
-        state["weights"][step] = [p.detach().clone() for p in pl_module.student.parameters()]
-        orig_start(self, trainer, pl_module, batch, batch_idx)
-        if step in state["nan_steps"]:
+    def run_step(module, records):
+        state["step"] = s = module.trainer.global_step
+        state["weights"][s] = [p.detach().clone() for p in module.student.parameters()]
+        return orig_step(module, records)
+
+    def score(self, batch, needs):
+        orig_score(self, batch, needs)
+        if state["step"] in state["nan_steps"]:
             batch.teacher_logprobs = torch.full_like(batch.teacher_logprobs, float("nan"))
 
     def generate(self, prompts, n, params):
         gen = orig_generate(self, prompts, n, params)
-        step, state["calls"] = state["calls"], state["calls"] + 1
-        if step in state["empty_all"]:
+        if state["step"] in state["empty_all"]:
             return Generation(response_ids=[[] for _ in gen.response_ids])
-        if step in state["empty_half"]:
+        if state["step"] in state["empty_half"]:
             return Generation(response_ids=[r if i % 2 else [] for i, r in enumerate(gen.response_ids)])
         return gen
 
-    monkeypatch.setattr(TeacherCallback, "on_train_batch_start", on_train_batch_start)
+    monkeypatch.setattr(step, "run_step", run_step)
+    monkeypatch.setattr(TeacherModels, "score", score)
     monkeypatch.setattr(HFEngine, "generate", generate)
     return state
 

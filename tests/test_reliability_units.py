@@ -319,6 +319,9 @@ def test_checkpoints_of_an_unknown_run_are_set_aside_not_deleted(tmp_path, monke
     assert not list((tmp_path / "ck").glob("step-*"))  # only the new attempt's job.json is there
     (moved,) = tmp_path.glob("ck.orphan-*")
     assert CheckpointStore(moved, job_key(cfg)).latest().step == 2
+    # the printed advice works: the same command with resume=true checkpoint.dir=<moved>
+    plan = plan_job(compose_cfg(tmp_path, f"checkpoint.dir={moved}", "resume=true"))
+    assert plan.action == "resume" and plan.checkpoint.step == 2 and plan.key == job_key(cfg)
 
     # resume=false: the user asked for a fresh start, so the old checkpoints go
     CheckpointStore(tmp_path / "ck", job_key(cfg)).save(2, payload(2), run_id="x")

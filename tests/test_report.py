@@ -80,3 +80,66 @@ def test_report_unknown_name_lists_sweeps_and_experiments(tmp_path):
     with pytest.raises(ReportError) as err:
         report("nope", uri, tmp_path / "out", log=False)
     assert "table1" in str(err.value) and "mine" in str(err.value)
+
+
+BENCHES = ["aime25", "hmmt25_feb", "hmmt25_nov", "math500", "minerva", "gpqa_diamond"]
+
+
+def _paper_run(client, exp, sweep, label, seed, final, student="Qwen3-1.7B", start=None, teacher=None):
+    """A finished run with the six benchmarks of Tables 1-3 (scores 0..1)."""
+    rid = client.create_run(exp, tags={"label": label, "seed": str(seed), "sweep": sweep, "student": student}).info.run_id
+    for bench in BENCHES:
+        if start is not None:
+            client.log_metric(rid, f"eval/{bench}/score", start, step=0)
+        if teacher is not None:
+            client.log_metric(rid, f"eval/{bench}/teacher_score", teacher, step=0)
+        client.log_metric(rid, f"eval/{bench}/score", final, step=100)
+    client.set_terminated(rid)
+    return rid
+
+
+def test_table3_has_a_student_row_per_student_one_teacher_row_and_paired_differences(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("paper_4b")
+    for student, base in (("Qwen3-4B", 0.30), ("Qwen3-8B", 0.40)):
+        for seed in range(2):
+            teacher = 0.6 if (student, seed) == ("Qwen3-4B", 0) else None  # once per sweep
+            _paper_run(client, exp, "table3", "OPD", seed, base + 0.2, student, start=base, teacher=teacher)
+            _paper_run(client, exp, "table3", "FastOPD", seed, base + 0.25 + 0.01 * seed, student, start=base)
+    table = report("table3", uri, tmp_path / "out", log=False)
+    rows = {r["label"]: r for r in table.rows}
+    assert list(rows)[:3] == ["Teacher", "Qwen3-4B / Student", "Qwen3-4B / OPD"]  # the paper's order
+    assert rows["Teacher"]["n"] == 1 and rows["Teacher"]["cells"]["avg"][0] == pytest.approx(0.6)
+    assert rows["Teacher"]["cells"]["gpqa_diamond"][0] == pytest.approx(0.6)
+    assert rows["Qwen3-4B / Student"]["cells"]["avg"][0] == pytest.approx(0.30)
+    assert rows["Qwen3-8B / Student"]["cells"]["avg"][0] == pytest.approx(0.40)
+    assert rows["Qwen3-8B / Student"]["paper_avg"] == 33.8 and rows["Teacher"]["paper_avg"] == 62.2
+    # the paired difference is against the same student's OPD
+    assert rows["Qwen3-8B / FastOPD"]["diff"][0] == pytest.approx(0.055)
+    assert rows["Qwen3-4B / FastOPD"]["paper_avg"] == 52.5
+    assert any("ExOPD" in n and "no finished run" in n for n in table.notes)
+    assert any("FastOPD is Table 1's Fixed-prefix OPD-2048" in n for n in table.notes)
+
+
+def test_table2_borrows_opd_and_k8_from_table1_and_says_the_k_values_are_lost(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("paper_1p7b")
+    for seed in range(3):
+        _paper_run(client, exp, "table1", "OPD", seed, 0.36, start=0.25, teacher=0.6 if seed == 0 else None)
+        _paper_run(client, exp, "table1", "Ours (BIC release)", seed, 0.40 + 0.01 * seed, start=0.25)
+        _paper_run(client, exp, "table2", "support K=4", seed, 0.38)
+        _paper_run(client, exp, "table2", "release (adv-std)", seed, 0.37)
+    table = report("table2", uri, tmp_path / "out", log=False)
+    rows = {r["label"]: r for r in table.rows}
+    assert list(rows) == ["OPD", "release (adv-std)", "support K=4", "support K=8"]  # no Student, no Teacher
+    assert rows["OPD"]["n"] == 3 and rows["OPD"]["paper_avg"] == 36.8
+    assert rows["support K=8"]["cells"]["avg"][0] == pytest.approx(0.41)
+    assert rows["support K=8"]["paper_avg"] == 40.1
+    assert rows["support K=4"]["diff"][0] == pytest.approx(0.02)  # paired with table1's OPD seeds
+    notes = " ".join(table.notes)
+    assert "lost in the text" in notes and "K = 8" in notes
+    assert "support K=16" in notes and "support K=32" in notes  # paper rows without a run yet
+    md = (tmp_path / "out" / "table2.md").read_text()
+    assert "lost in the text" in md

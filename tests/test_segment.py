@@ -1,4 +1,5 @@
-"""Tests of sentence segmentation (opd_lit.release.segment) on a tiny byte-level BPE."""
+"""Tests of segmentation (opd_lit.release.segment) on a tiny byte-level BPE: the default
+``structured`` segmenter (lines, sentences, display math) and the ``punkt`` option."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from opd_lit.release import (
+    SEGMENTERS,
     ensure_punkt,
     release_weights_batch,
+    segment_count_stats,
     segment_ids_batch,
+    segment_starts,
     sentence_segments,
 )
 from opd_lit.release import segment as segment_mod
@@ -28,6 +32,7 @@ CORPUS = [
     "The answer is 42. We compute 3 + 4 = 7, then we check the result. 68.Next steps follow.",
     "Dr. Smith paid 5 dollars for a café au lait. Naïve résumé, façade, 5€ and 10%.",
     "First, add the numbers.\n\nSecond, divide by two: the total is 12.5 units. Done!",
+    "Let $S = \\sum_{k=1}^{n} k^2$. Then\n$$\nS = \\frac{n(n+1)}{2}\n$$\n\\[ x \\] \\begin{align*} a \\end{align*}",
 ]
 TEXTS = [
     "Hello there. This is a test! Is it working?  Yes.\n\nThe answer is 42.",
@@ -102,9 +107,9 @@ def assert_partition(segments: list[list[int]], n: int) -> None:
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_segments_partition_the_response_and_follow_nltk(tokenizer, text):
+def test_punkt_segments_partition_the_response_and_follow_nltk(tokenizer, text):
     ids = encode(tokenizer, text) + [special_id(tokenizer, "<|im_end|>")]
-    segments = sentence_segments(tokenizer, ids)
+    segments = sentence_segments(tokenizer, ids, segmenter="punkt")
     assert_partition(segments, len(ids))
     sentences = nltk.sent_tokenize(text)
     assert len(segments) == len(sentences)
@@ -114,12 +119,119 @@ def test_segments_partition_the_response_and_follow_nltk(tokenizer, text):
     assert segments[-1][-1] == len(ids) - 1
 
 
+# An eight-line step-by-step derivation with two display formulas (the case of issue 16):
+# Punkt splits only after sentence-ending punctuation, so it sees 4 sentences here.
+DERIVATION = r"""To find the sum, we first simplify.
+Let $S = \sum_{k=1}^{n} k^2$. Then
+$$
+S = \frac{n(n+1)(2n+1)}{6}
+$$
+Substituting $n = 10$ gives
+\[
+S = \frac{10 \cdot 11 \cdot 21}{6} = 385
+\]
+so the sum is 385.
+Therefore the answer is $\boxed{385}$."""
+DERIVATION_SEGMENTS = [
+    "To find the sum, we first simplify.",
+    "Let $S = \\sum_{k=1}^{n} k^2$.",
+    "Then",
+    "$$\nS = \\frac{n(n+1)(2n+1)}{6}\n$$",
+    "Substituting $n = 10$ gives",
+    "\\[\nS = \\frac{10 \\cdot 11 \\cdot 21}{6} = 385\n\\]",
+    "so the sum is 385.",
+    "Therefore the answer is $\\boxed{385}$.",
+]
+
+
+def test_structured_default_splits_lines_sentences_and_display_math(tokenizer):
+    ids = encode(tokenizer, DERIVATION) + [special_id(tokenizer, "<|im_end|>")]
+    punkt = sentence_segments(tokenizer, ids, segmenter="punkt")
+    default = sentence_segments(tokenizer, ids)
+    assert default == sentence_segments(tokenizer, ids, segmenter="structured")
+    for segments in (punkt, default):
+        assert_partition(segments, len(ids))  # every token in exactly one segment
+    assert len(punkt) == len(nltk.sent_tokenize(DERIVATION)) == 4
+    got = [decode(tokenizer, [ids[p] for p in seg]).strip() for seg in default]
+    assert got == DERIVATION_SEGMENTS
+    assert segments[-1][-1] == len(ids) - 1  # the end-of-turn token joins the last segment
+
+
+def test_structured_equals_punkt_on_single_lines_without_display_math(tokenizer):
+    for text in (TEXTS[1], TEXTS[2], TEXTS[4], "First, 23 + 45 = 68. Next, 68 - 7 = 61. The answer is $\\boxed{61}$."):
+        ids = encode(tokenizer, text)
+        assert sentence_segments(tokenizer, ids) == sentence_segments(tokenizer, ids, segmenter="punkt")
+
+
+@pytest.mark.parametrize(
+    "text, segments",
+    [
+        # a display block is one segment even when Punkt or a line break would split inside it
+        ("We get\n$$ a = 1. B = 2\n c = 3 $$ which is it.", ["We get", "$$ a = 1. B = 2\n c = 3 $$", "which is it."]),
+        ("Sum: \\begin{align*} x &= 1 \\\\[2pt]\n y &= 2 \\end{align*} done.", ["Sum:", "\\begin{align*} x &= 1 \\\\[2pt]\n y &= 2 \\end{align*}", "done."]),
+        ("So \\begin{equation} E = mc^2 \\end{equation}", ["So", "\\begin{equation} E = mc^2 \\end{equation}"]),
+        # an unclosed $$ or a mismatched environment is text, not a block
+        ("Cost is $$5 today\nand more.", ["Cost is $$5 today", "and more."]),
+        ("A \\begin{align} x \\end{equation} b", ["A \\begin{align} x \\end{equation} b"]),
+        # blank lines and trailing whitespace give no empty segment
+        ("One\n\n\nTwo\n\n", ["One", "Two"]),
+    ],
+)
+def test_structured_segments_of_display_blocks(text, segments):
+    starts = segment_starts(text)
+    pieces = [text[a:b].strip() for a, b in zip(starts, [*starts[1:], len(text)])]
+    assert pieces == segments
+
+
+def test_unknown_segmenter_names_the_key(tokenizer):
+    with pytest.raises(ValueError, match=r"release\.segmenter='lines': allowed is one of \['structured', 'punkt'\]"):
+        sentence_segments(tokenizer, encode(tokenizer, "A. B."), segmenter="lines")
+    with pytest.raises(ValueError, match=r"release\.segmenter="):
+        segment_ids_batch(tokenizer, torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2), segmenter="nltk")
+
+
+def test_segment_count_stats_is_the_distribution_over_nonempty_responses():
+    counts = [1, 2, 2, 3, 5, 8, 13, 0]  # the last response is empty
+    t = 16
+    seg = torch.full((len(counts), t), -1)
+    for b, n in enumerate(counts):
+        seg[b, :n] = torch.arange(n)  # one token per segment, then padding
+    stats = segment_count_stats(seg)
+    real = torch.tensor(counts[:-1], dtype=torch.float64)
+    assert stats["release/segments_p50"] == 3.0
+    assert stats["release/segments_p10"] == pytest.approx(float(torch.quantile(real, 0.1)))
+    assert stats["release/segments_p90"] == pytest.approx(float(torch.quantile(real, 0.9)))
+    assert stats["release/segments_max"] == 13.0
+    assert stats["release/segments_le2_frac"] == pytest.approx(3 / 7)
+    assert segment_count_stats(torch.full((2, 4), -1)) == {}
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        segment_count_stats(torch.zeros(4, dtype=torch.long))
+
+
+def test_structured_segments_feed_the_batch_and_its_stats(hf_tokenizer):
+    eot = special_id(hf_tokenizer, "<|im_end|>")
+    rows = [encode(hf_tokenizer, DERIVATION) + [eot], encode(hf_tokenizer, TEXTS[0]) + [eot]]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    structured = segment_ids_batch(hf_tokenizer, ids, mask)
+    punkt = segment_ids_batch(hf_tokenizer, ids, mask, segmenter="punkt")
+    n0 = len(nltk.sent_tokenize(TEXTS[0]))  # its line break follows a full stop: the same cut
+    assert (structured.amax(1) + 1).tolist() == [8, n0] and (punkt.amax(1) + 1).tolist() == [4, n0]
+    assert segment_count_stats(structured)["release/segments_max"] == 8.0
+    assert segment_count_stats(punkt)["release/segments_max"] == float(max(4, n0))
+
+
+@pytest.mark.parametrize("segmenter", SEGMENTERS)
 @pytest.mark.parametrize("method", ["bytes", "incremental"])
 @pytest.mark.parametrize("text", TEXTS)
-def test_fallback_paths_match_offsets_path(tokenizer, text, method):
+def test_fallback_paths_match_offsets_path(tokenizer, text, method, segmenter):
     ids = encode(tokenizer, text) + [special_id(tokenizer, "<|im_end|>")]
-    preferred = sentence_segments(tokenizer, ids, method="offsets")  # raises if re-encoding differs
-    assert sentence_segments(tokenizer, ids, method=method) == preferred
+    # "offsets" raises if re-encoding differs
+    preferred = sentence_segments(tokenizer, ids, method="offsets", segmenter=segmenter)
+    assert sentence_segments(tokenizer, ids, method=method, segmenter=segmenter) == preferred
 
 
 def test_non_canonical_ids_fall_back(hf_tokenizer):
@@ -336,3 +448,11 @@ def test_cli_install_punkt(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "punkt_tab" in proc.stdout and "english" in proc.stdout
+
+
+def test_every_public_name_of_the_package_resolves():
+    import opd_lit.release as release
+
+    for name in release.__all__:
+        assert getattr(release, name) is not None, name
+    assert release.SEGMENTERS[0] == release.DEFAULT_SEGMENTER == "structured"

@@ -5,11 +5,19 @@ import re
 import pytest
 from e2e import REPO, run_module
 
-from opd_lit.sweep import UnknownSweepError, available_sweeps, check_sweep_name, main
+from opd_lit.report import load_paper, row_label
+from opd_lit.sweep import (
+    STUDENT_ROW,
+    TEACHER_ROW,
+    UnknownSweepError,
+    available_sweeps,
+    check_sweep_name,
+    main,
+)
 
 EXPECTED_JOBS = {
     "table1": 8 * 3,  # 8 methods x 3 seeds
-    "table2": 5 * 3,  # adv_std + 4 support sizes, x 3 seeds
+    "table2": 4 * 3,  # adv_std + support sizes 4, 16, 32 (K = 8 and OPD are table1's runs), x 3 seeds
     "table3": 2 * 4 * 3,  # 2 students x 4 methods x 3 seeds
     "table5": 3 * 3,
     "toy_table1": 8 * 3,
@@ -21,19 +29,75 @@ def test_every_sweep_has_an_expected_count():
     assert sorted(EXPECTED_JOBS) == available_sweeps()
 
 
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """``name -> stdout`` of the sweep's dry run, each run once for the module."""
+    done: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in done:
+            tmp = tmp_path_factory.mktemp(f"dry-{name}")
+            proc = run_module(
+                "opd_lit.train", "-m", "--config-dir", str(REPO / "sweeps"), "--config-name", name,
+                "dry_run=true", f"hydra.sweep.dir={tmp}", cwd=tmp, timeout=300,
+            )
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert not list(tmp.rglob("*.ckpt")) and not (tmp / "mlflow.db").exists()
+            done[name] = proc.stdout
+        return done[name]
+
+    return get
+
+
+def job_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if re.match(r"job +\d+ ", line)]
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED_JOBS))
-def test_sweep_dry_run_composes_every_job(tmp_path, name):
-    proc = run_module(
-        "opd_lit.train", "-m", "--config-dir", str(REPO / "sweeps"), "--config-name", name,
-        "dry_run=true", f"hydra.sweep.dir={tmp_path}", cwd=tmp_path, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = [line for line in proc.stdout.splitlines() if re.match(r"job +\d+ ", line)]
-    assert len(jobs) == EXPECTED_JOBS[name], proc.stdout
+def test_sweep_dry_run_composes_every_job(dry_run, name):
+    out = dry_run(name)
+    jobs = job_lines(out)
+    assert len(jobs) == EXPECTED_JOBS[name], out
     # each job is distinct (method/label/student/seed)
     keys = {re.sub(r"^job +\d+ +", "", j) for j in jobs}
     assert len(keys) == len(jobs)
-    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "mlflow.db").exists()
+
+
+JOB = re.compile(r"student=(?P<student>\S+) .* rows=(?P<rows>.*?) eval=(?P<eval>\S+)")
+
+
+def produced_cells(stdout: str) -> set[tuple[str, str]]:
+    """(report row, benchmark) for every job of a dry run, named as the report names them."""
+    jobs = [JOB.search(line).groupdict() for line in job_lines(stdout)]
+    multi = len({j["student"] for j in jobs}) > 1
+    cells = set()
+    for j in jobs:
+        for row in j["rows"].split("|"):
+            if row == "-":
+                continue
+            name = row if row == TEACHER_ROW else row_label(row, j["student"], multi)
+            cells.update((name, bench) for bench in j["eval"].split(","))
+    return cells
+
+
+def test_the_dry_runs_of_tables_1_to_3_produce_every_cell_of_the_paper(dry_run):
+    """Every (row, column) of the paper's Tables 1-3 is measured by some job of the three
+    sweeps (Avg is the mean of the five math columns; borrowed rows come from their sweep)."""
+    paper = load_paper()
+    produced = {name: produced_cells(dry_run(name)) for name in ("table1", "table2", "table3")}
+    for name in produced:
+        table = paper["tables"][name]
+        borrow = table.get("borrow") or {}
+        for row in table["rows"]:
+            sweep, label = (borrow[row]["sweep"], borrow[row]["label"]) if row in borrow else (name, row)
+            for bench in paper["benchmarks"]:  # the five math benchmarks and GPQA
+                assert (label, bench) in produced[sweep], f"{name}: no job measures {row} on {bench}"
+    # the 30B teacher is evaluated once per sweep; the student at step 0 by every job
+    for name in ("table1", "table3"):
+        lines = job_lines(dry_run(name))
+        assert sum(f"|{TEACHER_ROW}" in line for line in lines) == 1, name
+        assert all(f"|{STUDENT_ROW}" in line for line in lines), name
+    assert not any(STUDENT_ROW in line or TEACHER_ROW in line for line in job_lines(dry_run("table2")))
 
 
 def test_table1_jobs_carry_the_paper_setting(tmp_path):
@@ -45,6 +109,11 @@ def test_table1_jobs_carry_the_paper_setting(tmp_path):
     out = proc.stdout
     assert "max_new_tokens: 16384" in out and "prompts_per_step: 1024" in out
     assert "max_steps: 100" in out and "Qwen3-30B-A3B-Instruct-2507" in out
+    # issue 16: G-OPD's lr and data subset, every column, the step-0 evaluation, the sampling
+    assert "lr: 1.0e-05" in out and "min_difficulty: 6" in out
+    assert "- gpqa_diamond" in out and "at_start: true" in out
+    assert "temperature: 0.7" in out and "top_p: 0.8" in out
+    assert "teacher_eval_job:" in out
 
 
 def test_unknown_sweep_lists_the_sweeps(capsys):

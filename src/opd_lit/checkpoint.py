@@ -13,6 +13,13 @@ the ``.json`` beside it, and the directory is fsync'ed. A checkpoint counts only
 moment leaves the previous checkpoint valid. Older checkpoints beyond ``keep_last`` are
 deleted only after the new one is complete.
 
+Multi-process runs (``trainer=ddp`` / ``trainer=fsdp``) write a *sharded* checkpoint instead:
+``step-00000012.dcp/`` holds the student's weights and AdamW state through torch distributed
+checkpoint (every rank writes its own shard, replicated tensors once), ``rank-<r>.pt`` each
+rank's RNG states, and ``state.pt`` the rest of the payload (rank 0); the ``.json`` lists
+every file with its size and sha256 (each rank hashes what it wrote). Verification and
+fallback to an older checkpoint are the same as for one file.
+
 The payload: the module's state dict (the student's weights), the optimizer and LR-scheduler
 states, the RNG states (python, numpy, torch CPU and CUDA, and every ``torch.Generator`` held
 by the datamodule or its rollout engine), the global step (= the data position: the
@@ -24,6 +31,7 @@ resume if the kill came before they reached the logger).
 from __future__ import annotations
 
 import errno
+import shutil
 import json
 import logging
 import os
@@ -121,6 +129,13 @@ class CheckpointStore:
     def meta_path(self, step: int) -> Path:
         return self.root / f"step-{step:08d}.json"
 
+    def shard_dir(self, step: int) -> Path:
+        return self.root / f"step-{step:08d}.dcp"
+
+    def _remove_payload(self, step: int) -> None:
+        self.payload_path(step).unlink(missing_ok=True)
+        shutil.rmtree(self.shard_dir(step), ignore_errors=True)
+
     @property
     def finished_path(self) -> Path:
         return self.root / "finished.json"
@@ -154,11 +169,12 @@ class CheckpointStore:
         metas = self._metas()
         for step, meta_path in metas[: max(0, len(metas) - self.keep_last)]:
             meta_path.unlink(missing_ok=True)  # meta first: a half-deleted one is invalid
-            self.payload_path(step).unlink(missing_ok=True)
-        kept = {self.payload_path(s).name for s, _ in metas[-self.keep_last:]}
-        for p in self.root.glob("step-*.ckpt"):
-            if p.name not in kept and not self.meta_path(int(p.stem[5:])).exists():
-                p.unlink(missing_ok=True)  # payload whose meta never got written
+            self._remove_payload(step)
+        kept = {s for s, _ in metas[-self.keep_last:]}
+        for p in [*self.root.glob("step-*.ckpt"), *self.root.glob("step-*.dcp")]:
+            step = int(p.name[5:13])
+            if step not in kept and not self.meta_path(step).exists():
+                self._remove_payload(step)  # payload whose meta never got written
         self.clean_temp()
 
     def clean_temp(self) -> None:
@@ -173,11 +189,11 @@ class CheckpointStore:
         n = 0
         for step, meta_path in self._metas():
             meta_path.unlink(missing_ok=True)
-            self.payload_path(step).unlink(missing_ok=True)
+            self._remove_payload(step)
             n += 1
         if self.root.exists():
-            for p in self.root.glob("step-*.ckpt"):
-                p.unlink(missing_ok=True)
+            for p in [*self.root.glob("step-*.ckpt"), *self.root.glob("step-*.dcp")]:
+                self._remove_payload(int(p.name[5:13]))
             self.finished_path.unlink(missing_ok=True)
             self.clean_temp()
         return n
@@ -201,7 +217,7 @@ class CheckpointStore:
         if not keep_checkpoints:
             for step, meta_path in self._metas():
                 meta_path.unlink(missing_ok=True)
-                self.payload_path(step).unlink(missing_ok=True)
+                self._remove_payload(step)
             if self.root.is_dir():
                 self.clean_temp()
                 try:
@@ -239,14 +255,15 @@ class CheckpointStore:
             raise CheckpointError(
                 f"{meta_path}: written by job {meta.get('job_key')}, not this job {self.job_key}"
             )
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing")
-        size = path.stat().st_size
-        if size != meta.get("bytes"):
-            raise CheckpointError(f"{path}: {size} bytes, expected {meta.get('bytes')} (truncated?)")
-        digest = sha256_file(path)
-        if digest != meta.get("sha256"):
-            raise CheckpointError(f"{path}: sha256 {digest[:12]}… does not match {str(meta.get('sha256'))[:12]}… (corrupted)")
+        if meta.get("sharded"):
+            path = self.shard_dir(step)
+            listed = meta.get("files") or {}
+            if not listed:
+                raise CheckpointError(f"{meta_path}: a sharded checkpoint that lists no files")
+            for name, entry in sorted(listed.items()):
+                _check_file(path / name, entry.get("bytes"), entry.get("sha256"))
+            return CheckpointInfo(step, path, meta)
+        _check_file(path, meta.get("bytes"), meta.get("sha256"))
         return CheckpointInfo(step, path, meta)
 
     def latest(self) -> CheckpointInfo | None:
@@ -264,11 +281,16 @@ class CheckpointStore:
         return "; ".join(self._invalid)
 
     def load(self, info: CheckpointInfo, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        """The checkpoint's payload. Sharded: the global part (``state.pt``); the weights and
+        optimizer state stay on disk for :func:`load_sharded_state`, the RNG for each rank."""
+        sharded = bool(info.meta.get("sharded"))
+        file = info.path / SHARDED_STATE if sharded else info.path
         try:
-            payload = torch.load(info.path, map_location=map_location, weights_only=False)
+            payload = torch.load(file, map_location=map_location, weights_only=False)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise CheckpointError(f"{info.path}: cannot be loaded ({type(e).__name__}: {e})") from e
-        missing = [k for k in ("step", "module", "optimizers", "rng") if k not in payload]
+            raise CheckpointError(f"{file}: cannot be loaded ({type(e).__name__}: {e})") from e
+        need = ("step", "counters") if sharded else ("step", "module", "optimizers", "rng")
+        missing = [k for k in need if k not in payload]
         if missing:
             raise CheckpointError(f"{info.path}: payload lacks {missing}")
         return payload
@@ -283,6 +305,109 @@ class CheckpointStore:
                 self._invalid.append(str(e))
                 log.warning("skipping invalid checkpoint: %s", e)
         return None
+
+
+def _check_file(path: Path, size_expected, sha_expected) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    size = path.stat().st_size
+    if size != size_expected:
+        raise CheckpointError(f"{path}: {size} bytes, expected {size_expected} (truncated?)")
+    digest = sha256_file(path)
+    if digest != sha_expected:
+        raise CheckpointError(f"{path}: sha256 {digest[:12]}… does not match {str(sha_expected)[:12]}… (corrupted)")
+
+
+# ---- sharded checkpoints (several processes) ------------------------------------------
+
+SHARDED_STATE = "state.pt"
+DCP_DIR = "model"
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank-{rank}.pt"
+
+
+def save_sharded(
+    store: CheckpointStore, step: int, student: torch.nn.Module, optimizer, payload: dict[str, Any],
+    rng: dict[str, Any], run_id: str | None,
+) -> CheckpointInfo | None:
+    """Collective: every rank writes its shard of the student and optimizer (torch distributed
+    checkpoint) and its RNG; rank 0 writes the global ``payload`` and, last, the ``.json``
+    listing every file's size and sha256. Returns the info on rank 0 (None elsewhere).
+
+    A failed write on any rank raises ``OSError`` on every rank, and no ``.json`` is written
+    (so the previous checkpoint stays the newest valid one).
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank = dist.get_rank()
+    root = store.shard_dir(step)
+    t0 = time.perf_counter()
+    error = None
+    if rank == 0:
+        store.root.mkdir(parents=True, exist_ok=True)
+        store.meta_path(step).unlink(missing_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(student, optimizer)
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(root / DCP_DIR))
+    except Exception as e:  # noqa: BLE001 - reported on every rank below
+        error = f"{type(e).__name__}: {e}"
+    mine: dict[str, dict] = {}
+    if error is None:
+        try:
+            atomic_write(root / _rank_file(rank), lambda f: torch.save(rng, f))
+            if rank == 0:
+                atomic_write(root / SHARDED_STATE, lambda f: torch.save(payload, f))
+            written = [_rank_file(rank)] + ([SHARDED_STATE] if rank == 0 else [])
+            written += [f"{DCP_DIR}/{p.name}" for p in (root / DCP_DIR).glob(f"__{rank}_*")]
+            if rank == 0:
+                written += [f"{DCP_DIR}/{p.name}" for p in (root / DCP_DIR).iterdir() if not p.name.startswith("__")]
+            for name in written:
+                mine[name] = {"bytes": (root / name).stat().st_size, "sha256": sha256_file(root / name)}
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {"error": error, "files": mine})
+    errors = [g["error"] for g in gathered if g["error"]]
+    if errors:
+        raise OSError(errno.EIO, f"sharded checkpoint of step {step} not written: {'; '.join(errors)}")
+    if rank != 0:
+        return None
+    files = {name: entry for g in gathered for name, entry in g["files"].items()}
+    meta = {
+        "format": FORMAT, "step": step, "sharded": True, "world_size": dist.get_world_size(),
+        "files": files, "bytes": sum(e["bytes"] for e in files.values()), "job_key": store.job_key,
+        "mlflow_run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "write_s": round(time.perf_counter() - t0, 3),
+    }
+    atomic_write(store.meta_path(step), lambda f: f.write(_json_bytes(meta)))
+    store.prune()
+    return CheckpointInfo(step, root, meta)
+
+
+def load_sharded_state(info: CheckpointInfo, student: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """Collective: the student's weights and optimizer state from a sharded checkpoint (each
+    rank reads what it holds); returns this rank's RNG state."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    world = dist.get_world_size()
+    if info.meta.get("world_size") != world:
+        raise CheckpointError(
+            f"{info.path}: written by {info.meta.get('world_size')} processes, this run has {world} "
+            "(resume with the same trainer.devices × trainer.num_nodes)"
+        )
+    model_sd, optim_sd = get_state_dict(student, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(info.path / DCP_DIR))
+    set_state_dict(student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return torch.load(info.path / _rank_file(dist.get_rank()), map_location="cpu", weights_only=False)
 
 
 def _alive(pid: int) -> bool:
@@ -439,12 +564,16 @@ class CheckpointCallback(L.Callback):
         return None
 
     def _generators(self, trainer) -> dict[str, torch.Generator]:
-        dm = trainer.datamodule
+        module = trainer.lightning_module
+        parts = getattr(module, "parts", None)
         return _generators(
-            ("datamodule", dm), ("engine", getattr(dm, "_engine", None)), ("module", trainer.lightning_module)
+            ("datamodule", trainer.datamodule), ("engine", getattr(parts, "_engine", None)), ("module", module)
         )
 
-    def payload(self, trainer, pl_module, pending_metrics: dict[str, float] | None) -> dict[str, Any]:
+    def payload(self, trainer, pl_module, pending_metrics: dict[str, float] | None,
+                sharded: bool = False) -> dict[str, Any]:
+        """What a checkpoint holds; ``sharded``: without the weights, optimizer and RNG (each
+        rank writes its own of those, :func:`save_sharded`)."""
         strategy = trainer.strategy
         dm = trainer.datamodule
         step = trainer.global_step
@@ -460,10 +589,7 @@ class CheckpointCallback(L.Callback):
             "step": step,
             "job_key": self.store.job_key,
             "mlflow_run_id": self._run_id(trainer),
-            "module": strategy.lightning_module_state_dict(),
-            "optimizers": [strategy.optimizer_state(o) for o in trainer.optimizers],
             "lr_schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
-            "rng": capture_rng(self._generators(trainer)),
             "counters": {
                 "skipped_steps": int(getattr(pl_module, "skipped_steps", 0)),
                 "skipped_in_a_row": int(getattr(pl_module, "_skipped_in_a_row", 0)),
@@ -473,21 +599,34 @@ class CheckpointCallback(L.Callback):
             "datamodule": {"start_step": step, **(dm.state_dict() if dm is not None else {})},
             "pending_metrics": {"step": step - 1, "metrics": pending_metrics or {}},
         }
+        if not sharded:
+            checkpoint["module"] = strategy.lightning_module_state_dict()
+            checkpoint["optimizers"] = [strategy.optimizer_state(o) for o in trainer.optimizers]
+            checkpoint["rng"] = capture_rng(self._generators(trainer))
         pl_module.on_save_checkpoint(checkpoint)
         return checkpoint
 
     def save(self, trainer, pl_module, pending_metrics: dict[str, float] | None = None) -> CheckpointInfo | None:
-        """Write the checkpoint of the current step; a failed write leaves the previous one."""
+        """Write the checkpoint of the current step; a failed write leaves the previous one.
+        Several processes: every rank takes part (a sharded checkpoint)."""
         step = trainer.global_step
-        payload = self.payload(trainer, pl_module, pending_metrics)
+        sharded = trainer.world_size > 1
+        payload = self.payload(trainer, pl_module, pending_metrics, sharded=sharded)
         info = None
-        if trainer.is_global_zero:
-            try:
+        try:
+            if sharded:
+                info = save_sharded(
+                    self.store, step, pl_module.student, trainer.optimizers[0], payload,
+                    capture_rng(self._generators(trainer)), payload["mlflow_run_id"],
+                )
+            elif trainer.is_global_zero:
                 info = self.store.save(step, payload, run_id=payload["mlflow_run_id"])
+            if info is not None:
                 self.last_saved = info
-                log.info("checkpoint: step %d -> %s (%.2fs)", step, info.path, info.meta["write_s"])
-            except OSError as e:
-                self.failures += 1
+                log.debug("checkpoint: step %d -> %s (%.2fs)", step, info.path, info.meta["write_s"])
+        except OSError as e:
+            self.failures += 1
+            if trainer.is_global_zero:
                 reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
                 prev = self.last_saved or self.store.latest()
                 log.warning(
@@ -518,7 +657,10 @@ class CheckpointCallback(L.Callback):
     def _restore(self, trainer, pl_module, ckpt: dict[str, Any]) -> None:
         step = int(ckpt["step"])
         strategy = trainer.strategy
-        strategy.load_optimizer_state_dict({"optimizer_states": ckpt["optimizers"]})
+        if "sharded_from" in ckpt:  # weights, optimizer and this rank's RNG from the shards
+            ckpt["rng"] = load_sharded_state(ckpt["sharded_from"], pl_module.student, trainer.optimizers[0])
+        else:
+            strategy.load_optimizer_state_dict({"optimizer_states": ckpt["optimizers"]})
         for config, state in zip(trainer.lr_scheduler_configs, ckpt.get("lr_schedulers", [])):
             config.scheduler.load_state_dict(state)
         counters = ckpt.get("counters", {})
@@ -536,9 +678,9 @@ class CheckpointCallback(L.Callback):
         progress.ready = progress.completed = step
         loop._batches_that_stepped = step
         pl_module.on_load_checkpoint(ckpt)
-        dm = trainer.datamodule
-        if dm is not None and getattr(dm, "_engine", None) is not None and hasattr(dm, "sync_weights"):
-            dm.sync_weights(pl_module.student)
+        parts = getattr(pl_module, "parts", None)
+        if parts is not None and parts._engine is not None:
+            parts.engine.sync_weights(pl_module.student)  # a no-op for hf (the same module)
         if relog_pending_metrics(trainer.loggers, ckpt.get("pending_metrics")):
             log.info("re-sent the metrics of step %d (the run had stopped before they were logged)", step - 1)
         restore_rng(ckpt["rng"], self._generators(trainer))

@@ -14,7 +14,10 @@ import torch
 
 
 def launch_rank() -> int:
-    """The global rank of this process from the launcher's environment (0 when single)."""
+    """The global rank of this process: the process group's once it is up, before that the
+    launcher's environment (0 when single)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
     env = os.environ
     if "RANK" in env:  # torchrun, or Lightning once the process group is up
         return int(env["RANK"])
@@ -22,9 +25,8 @@ def launch_rank() -> int:
         return int(env["SLURM_PROCID"])
     local = int(env.get("LOCAL_RANK", 0))
     node = int(env.get("NODE_RANK", env.get("GROUP_RANK", 0)))
-    if node == 0:
-        return local
-    return node * max(1, int(env.get("LOCAL_WORLD_SIZE", 1))) + local if "LOCAL_WORLD_SIZE" in env else -1
+    # Lightning's launcher on node n > 0: not rank 0, whatever the local rank
+    return local if node == 0 else node * 1_000_000 + local
 
 
 def is_launch_rank_zero() -> bool:
@@ -32,8 +34,3 @@ def is_launch_rank_zero() -> bool:
     return launch_rank() == 0
 
 
-def world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the running process group, ``(0, 1)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1

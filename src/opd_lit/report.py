@@ -2,11 +2,15 @@
 
 NAME is a sweep under ``sweeps/`` (runs tagged ``sweep=NAME``) or an MLflow experiment.
 Rows are methods (the run's ``label`` tag; prefixed by the student when a sweep varies it),
-columns the benchmarks and their average; each cell is the mean ± 95% CI over seeds
-(Student's t), with the paired difference against ``OPD`` on the same seeds and the paper's
-published number beside each row (``paper_tables.yaml``). Failed or unfinished jobs are
-listed as such and never averaged. Writes Markdown, CSV and a self-contained HTML file and
-logs them as artifacts of a summary run in the same MLflow experiment.
+the Teacher (from the job that evaluated it at its start) and the Student (every job's
+step-0 evaluation; one row per student), and any row ``paper_tables.yaml`` borrows from
+another sweep (Table 2's OPD and K = 8 rows are Table 1's runs). Columns are the benchmarks
+and their average; each cell is the mean ± 95% CI over runs (Student's t), with the paired
+difference against ``OPD`` on the same seeds and the paper's published number beside each
+row. The notes say which of the paper's rows have no run yet, and what the paper's text
+leaves unsaid (the table's ``notes``). Failed or unfinished jobs are listed as such and never
+averaged. Writes Markdown, CSV and a self-contained HTML file and logs them as artifacts of a
+summary run in the same MLflow experiment.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from opd_lit.sweep import available_sweeps
+from opd_lit.sweep import STUDENT_ROW, TEACHER_ROW, available_sweeps
 from opd_lit.tracking import metric_history, tracking_uri
 
 PAPER = Path(__file__).with_name("paper_tables.yaml")
@@ -61,9 +65,16 @@ class RunScores:
     label: str
     seed: str
     status: str
+    student: str = "?"
     scores: dict[str, float] = field(default_factory=dict)  # benchmark -> final score (0..1)
     start: dict[str, float] = field(default_factory=dict)  # benchmark -> score at step 0
     teacher: dict[str, float] = field(default_factory=dict)
+
+
+def row_label(label: str, student: str, multi_student: bool) -> str:
+    """The report row of a run's ``label`` (or ``Student``): prefixed with the student's name
+    (``Qwen3-4B / OPD``) when the reported runs have more than one student, as Table 3."""
+    return f"{student} / {label}" if multi_student else label
 
 
 def benchmark_of(metric: str) -> tuple[str, str] | None:
@@ -80,10 +91,9 @@ def collect(client, runs) -> tuple[list[RunScores], list[RunScores]]:
     done, broken = [], []
     for r in runs:
         tags = r.data.tags
-        label = tags.get("label") or tags.get("method", "?")
-        if multi_student:
-            label = f"{tags.get('student')} / {label}"
-        rs = RunScores(r.info.run_id, label, tags.get("seed", "?"), r.info.status)
+        student = str(tags.get("student", "?"))
+        label = row_label(tags.get("label") or tags.get("method", "?"), student, multi_student)
+        rs = RunScores(r.info.run_id, label, tags.get("seed", "?"), r.info.status, student)
         if r.info.status != "FINISHED":
             broken.append(rs)
             continue
@@ -139,19 +149,25 @@ class Table:
     notes: list[str]
 
 
-def build_table(name: str, done: list[RunScores], broken: list[RunScores]) -> Table:
+def paper_table_of(name: str) -> tuple[str, dict[str, Any]]:
+    """``(table key, its paper_tables.yaml entry)`` for a sweep or a mirror of one."""
+    paper = load_paper()
+    mirror = paper.get("mirrors", {}).get(name, {})
+    key = mirror.get("table", name)
+    return key, paper["tables"].get(key, {})
+
+
+def build_table(name: str, done: list[RunScores], broken: list[RunScores], notes: list[str] | None = None) -> Table:
     paper = load_paper()
     bench_names: dict[str, str] = paper["benchmarks"]
-    benches = sorted({b for r in done for b in r.scores}, key=lambda b: (b not in bench_names, list(bench_names).index(b) if b in bench_names else 0, b))
+    benches = sorted({b for r in done for b in (*r.scores, *r.start, *r.teacher)}, key=lambda b: (b not in bench_names, list(bench_names).index(b) if b in bench_names else 0, b))
     in_domain = [b for b in benches if b in paper["average_of"]] or [b for b in benches if b not in bench_names]
     out_domain = [b for b in benches if b not in in_domain]
     columns = in_domain + ["avg"] + out_domain
     headers = [bench_names.get(b, b) if b != "avg" else "Avg" for b in columns]
 
-    mirror = paper.get("mirrors", {}).get(name, {})
-    table_key = mirror.get("table", name)
-    paper_table = paper["tables"].get(table_key, {})
-    aliases = mirror.get("aliases", {})
+    table_key, paper_table = paper_table_of(name)
+    aliases = paper.get("mirrors", {}).get(name, {}).get("aliases", {})
     paper_rows = paper_table.get("rows", {}) or {}
 
     def with_avg(scores: dict[str, float]) -> dict[str, float]:
@@ -161,35 +177,57 @@ def build_table(name: str, done: list[RunScores], broken: list[RunScores]) -> Ta
             out["avg"] = statistics.fmean(vals)
         return out
 
+    def cells(score_dicts: list[dict[str, float]]) -> dict[str, list[float]]:
+        filled = [with_avg(d) for d in score_dicts]
+        return {c: [d[c] for d in filled if c in d] for c in columns}
+
     by_label: dict[str, list[RunScores]] = defaultdict(list)
     for r in done:
         by_label[r.label].append(r)
+    multi_student = len({r.student for r in done}) > 1
 
     rows: list[dict[str, Any]] = []
-    teacher = [with_avg(r.teacher) for r in done if r.teacher]
+    teacher = [r.teacher for r in done if r.teacher]
     if teacher:
-        rows.append(_row("Teacher", {c: [t[c] for t in teacher if c in t] for c in columns}, len(teacher), paper_rows.get("Teacher")))
-    starts = [with_avg(r.start) for r in done if r.start]
-    if starts:
-        rows.append(_row("Student", {c: [s[c] for s in starts if c in s] for c in columns}, len(starts), paper_rows.get("Student")))
+        rows.append(_row(TEACHER_ROW, cells(teacher), len(teacher), paper_rows.get(TEACHER_ROW)))
+    for student in sorted({r.student for r in done if r.start}):
+        starts = [r.start for r in done if r.start and r.student == student]
+        label = row_label(STUDENT_ROW, student, multi_student)
+        rows.append(_row(label, cells(starts), len(starts), paper_rows.get(label)))
 
-    order = list(paper_rows)
-    labels = sorted(by_label, key=lambda lab: (order.index(aliases.get(lab, lab)) if aliases.get(lab, lab) in order else len(order), lab))
-    base_by_seed = {r.seed: with_avg(r.scores) for r in by_label.get(BASELINE, [])}
-    for lab in labels:
-        group = [with_avg(r.scores) for r in by_label[lab]]
-        row = _row(lab, {c: [g[c] for g in group if c in g] for c in columns}, len(group), paper_rows.get(aliases.get(lab, lab)))
-        row["seeds"] = ",".join(sorted(r.seed for r in by_label[lab]))
-        if lab != BASELINE and base_by_seed:
-            diffs = [with_avg(r.scores)["avg"] - base_by_seed[r.seed]["avg"] for r in by_label[lab]
+    for lab, group in by_label.items():
+        row = _row(lab, cells([r.scores for r in group]), len(group), paper_rows.get(aliases.get(lab, lab)))
+        row["seeds"] = ",".join(sorted(r.seed for r in group))
+        baseline = row_label(BASELINE, group[0].student, multi_student)
+        base_by_seed = {r.seed: with_avg(r.scores) for r in by_label.get(baseline, [])}
+        if lab != baseline and base_by_seed:
+            diffs = [with_avg(r.scores)["avg"] - base_by_seed[r.seed]["avg"] for r in group
                      if r.seed in base_by_seed and "avg" in base_by_seed[r.seed] and "avg" in with_avg(r.scores)]
             if diffs:
                 row["diff"] = mean_ci(diffs)
                 row["diff_n"] = len(diffs)
         rows.append(row)
-    notes = []
+
+    order = list(paper_rows)
+
+    def position(row: dict[str, Any]) -> tuple[int, int, str]:
+        lab = aliases.get(row["label"], row["label"])
+        if lab == TEACHER_ROW:
+            return (0, 0, lab)
+        if lab in order:
+            return (1, order.index(lab), lab)
+        return (2, 0 if lab.endswith(STUDENT_ROW) else 1, lab)  # unpublished rows: students first
+
+    rows.sort(key=position)
+    notes = list(notes or [])
     if not paper_rows:
         notes.append(f"no published numbers for {table_key!r} in paper_tables.yaml")
+    measured = {aliases.get(r["label"], r["label"]) for r in rows}
+    missing = [lab for lab in paper_rows if lab not in measured]
+    if missing:
+        notes.append("paper rows with no finished run yet: " + "; ".join(missing))
+    if table_key == name:  # a mirror (the toy's table1) runs another setting: not its notes
+        notes += [str(n) for n in paper_table.get("notes", []) or []]
     return Table(name, columns, headers, rows, broken, paper_table.get("source"), notes)
 
 
@@ -313,6 +351,36 @@ def log_summary(client, runs, name: str, files: list[Path]) -> str:
     return run_id
 
 
+def borrowed_runs(name: str, uri: str) -> tuple[list[RunScores], list[RunScores], list[str]]:
+    """The rows ``paper_tables.yaml`` takes from other sweeps for ``name`` (its ``borrow``):
+    ``(finished runs relabelled, failed ones, notes)``. Only their method scores count: a
+    borrowed run's Student and Teacher evaluations stay with its own sweep."""
+    _, paper_table = paper_table_of(name)
+    done, broken, notes = [], [], []
+    by_sweep: dict[str, dict[str, str]] = defaultdict(dict)
+    for row, spec in (paper_table.get("borrow") or {}).items():
+        by_sweep[str(spec["sweep"])][str(spec["label"])] = str(row)
+    for sweep, relabel in by_sweep.items():
+        try:
+            client, runs = find_runs(sweep, uri)
+        except ReportError:
+            runs = []
+        if runs:
+            got, failed = collect(client, runs)
+        else:
+            got, failed = [], []
+        for group, target in ((got, done), (failed, broken)):
+            for r in group:
+                if r.label in relabel:
+                    r.label = relabel[r.label]
+                    r.start, r.teacher = {}, {}
+                    target.append(r)
+        for label, row in relabel.items():
+            n = sum(r.label == row for r in done)
+            notes.append(f"row {row!r}: {n} finished run(s) of sweep {sweep!r} labelled {label!r} (the same runs as there)")
+    return done, broken, notes
+
+
 def report(name: str, uri: str | None = None, out: Path | None = None, log: bool = True) -> Table:
     uri = tracking_uri(uri)
     client, runs = find_runs(name, uri)
@@ -322,7 +390,8 @@ def report(name: str, uri: str | None = None, out: Path | None = None, log: bool
             f"{name!r}: no finished runs with evaluation metrics at {uri} "
             f"({len(runs)} run(s) found, {len(broken)} failed or unfinished); nothing to report."
         )
-    table = build_table(name, done, broken)
+    more, more_broken, notes = borrowed_runs(name, uri)
+    table = build_table(name, done + more, broken + more_broken, notes)
     out = out or Path("reports") / name
     out.mkdir(parents=True, exist_ok=True)
     files = [out / f"{name}.md", out / f"{name}.csv", out / f"{name}.html"]

@@ -2,7 +2,8 @@
 
 ``python -m opd_lit.sweep NAME [overrides]`` checks the name (an unknown one is an error
 listing the sweeps) and runs ``python -m opd_lit.train -m --config-dir sweeps --config-name
-NAME [overrides]``; ``--dry-run`` composes and validates every job and prints one line each.
+NAME [overrides]``; ``--dry-run`` composes and validates every job and prints one line each,
+with the report rows the job measures and the benchmarks it evaluates (:func:`job_rows`).
 """
 
 from __future__ import annotations
@@ -44,16 +45,38 @@ def job_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
+STUDENT_ROW = "Student"
+TEACHER_ROW = "Teacher"
+
+
+def job_rows(cfg: DictConfig) -> list[str]:
+    """The rows of the report this job measures: its own ``label`` (evaluated at the end),
+    ``Student`` (its student at step 0, ``eval.at_start``) and ``Teacher``
+    (``eval.teacher_at_start``), each on every benchmark of ``eval.benchmarks``. The report
+    prefixes the first two with the student's name when a sweep varies the student
+    (:func:`opd_lit.report.row_label`)."""
+    ev = cfg.get("eval") or {}
+    rows = [str(cfg.label)] if ev.get("at_end", False) else []
+    if ev.get("at_start", False):
+        rows.append(STUDENT_ROW)
+    if ev.get("teacher_at_start", False):
+        rows.append(TEACHER_ROW)
+    return rows
+
+
 def describe_job(cfg: DictConfig) -> str:
-    """One line per job: number, method, label, student, teacher, seed, the job's overrides."""
+    """One line per job: number, method, label, student, teacher, seed, the report rows and
+    benchmarks it produces, the job's overrides."""
     from hydra.core.hydra_config import HydraConfig
 
     num = HydraConfig.get().job.get("num", 0) if HydraConfig.initialized() else 0
     overrides = " ".join(o for o in job_overrides() if not o.startswith(("seed=", "dry_run=")))
+    benchmarks = ",".join(str(b) for b in (cfg.get("eval") or {}).get("benchmarks", []))
     return (
         f"job {num:>3}  method={cfg.method.name:<15} label={str(cfg.label)!r:<28} "
         f"student={cfg.student.get('name', cfg.student.path)} teacher={cfg.teacher.get('name', cfg.teacher.path)} "
-        f"seed={cfg.seed}  overrides: {overrides or '-'}"
+        f"seed={cfg.seed}  rows={'|'.join(job_rows(cfg)) or '-'} eval={benchmarks or '-'}  "
+        f"overrides: {overrides or '-'}"
     )
 
 

@@ -6,6 +6,7 @@ trainer; holds no science of its own.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd_lit.data import RolloutDataModule
 from opd_lit.diagnostics import diagnostics_callbacks
+from opd_lit.dist import is_launch_rank_zero
 from opd_lit.eval.callback import EvalCallback
 from opd_lit.jobs import job_key  # noqa: F401 - registers the ${job_key:} resolver
 from opd_lit.progress import StageProgressBar
@@ -32,6 +34,15 @@ from opd_lit.tracking import build_loggers, tracking_uri
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("opd_lit.train")
+
+
+def _bf16_on_gpu(accelerator: str) -> str:
+    """``${bf16_on_gpu:${.accelerator}}``: Lightning precision, bf16-mixed on GPUs, fp32 on the CPU."""
+    return "32-true" if str(accelerator) == "cpu" else "bf16-mixed"
+
+
+if not OmegaConf.has_resolver("bf16_on_gpu"):
+    OmegaConf.register_new_resolver("bf16_on_gpu", _bf16_on_gpu)
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -98,7 +109,10 @@ def build(cfg: DictConfig, out: Path, plan=None):
             if loaded is None:
                 raise CheckpointError(f"no loadable checkpoint to resume in {store.root}: {store.describe_invalid()}") from e
             info, payload = loaded
-        module.load_state_dict(payload["module"])
+        if info.meta.get("sharded"):
+            payload["sharded_from"] = info  # weights and optimizer: from the shards, at fit start
+        else:
+            module.load_state_dict(payload["module"])
         datamodule.start_step = int(payload["step"])
         datamodule.load_state_dict(payload.get("datamodule", {}))
         run_id = plan.run_id
@@ -130,7 +144,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     if cfg.get("dry_run"):
         return dry_run(cfg)
-    from opd_lit.dist import is_launch_rank_zero
     from opd_lit.locks import JobLock, describe_owner
     from opd_lit.validate import validate_config
 
@@ -181,9 +194,13 @@ def _run_job(cfg: DictConfig, key: str, ckpt_dir: str, lock, term: "_TermAsExit"
     config = job_config(cfg)
     if rank0:  # another job's checkpoints in this checkpoint.dir: refuse, naming the keys that differ
         check_checkpoint_dir(store, key, config)
-    # 3. Skip, resume or run this job (MLflow runs tagged with its key, its checkpoints).
-    plan = plan_job(cfg, key)
-    print(f"[opd_lit] {plan.reason}", flush=True)
+    # 3. Skip, resume or run this job (MLflow runs tagged with its key, its checkpoints). The
+    #    ranks Lightning's launcher starts take rank 0's decision: it has already acted on it.
+    plan = plan_from_env(cfg, key) if not rank0 else None
+    if plan is None:
+        plan = plan_job(cfg, key)
+    if rank0:
+        print(f"[opd_lit] {plan.reason}", flush=True)
     if plan.action == "skip":
         return plan.summary
     out = output_dir(cfg)
@@ -200,6 +217,9 @@ def _run_job(cfg: DictConfig, key: str, ckpt_dir: str, lock, term: "_TermAsExit"
     logger = None
     try:
         datamodule, module, trainer = build(cfg, out, plan=plan)
+        if rank0 and trainer.world_size > 1:
+            plan_to_env(plan)  # Lightning's launcher starts the other ranks with this environment
+            use_rank_command()
         logger = trainer.loggers[0] if trainer.loggers else None
         run_id = getattr(logger, "run_id", None) if logger is not None and hasattr(logger, "run_id") else None
         if rank0:
@@ -242,11 +262,12 @@ def _run_job(cfg: DictConfig, key: str, ckpt_dir: str, lock, term: "_TermAsExit"
             summary["mlflow_run_id"] = logger.run_id
         if cfg.get("export", {}).get("final_model", False):
             target = out / "student_final"
-            module.student.save_pretrained(target)
-            datamodule.student_tokenizer.save_pretrained(target)
+            export_student(module.student, datamodule.student_tokenizer, target)  # every rank takes part
             summary["final_model"] = str(target)
-            if logger is not None and hasattr(logger, "run_id"):
+            if logger is not None and hasattr(logger, "run_id") and trainer.is_global_zero:
                 logger.experiment.set_tag(logger.run_id, "final_model_dir", str(target.resolve()))
+        if not trainer.is_global_zero:
+            return summary  # rank 0 records the job (MLflow status, checkpoints, summary)
         if logger is not None:
             logger.log_metrics({"time/wall_s": summary["wall_s"]}, step=trainer.global_step)
             if hasattr(logger, "run_id"):
@@ -330,6 +351,90 @@ class _TermAsExit:
             self._installed = False
 
 
+def rank_command(local_rank: int) -> tuple[list[str], str]:
+    """The command Lightning's launcher runs for the other ranks of this Hydra job.
+
+    Lightning's own re-runs ``sys.argv``, which in a multirun (``-m``) would start the whole
+    sweep again in every child. This one runs exactly this job: the same config source, the
+    job's own overrides, its output directory, no second copy of the ``.hydra`` files.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd
+
+    hc = HydraConfig.get()
+    command = [sys.executable, "-m", "opd_lit.train"]
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):  # --config-dir/-cd, --config-name/-cn, --config-path/-cp
+        for flag in ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp"):
+            if arg == flag and i + 1 < len(argv):
+                command += [flag, argv[i + 1]]
+            elif arg.startswith(flag + "="):
+                command.append(arg)
+    command += list(hc.overrides.task)
+    command += [
+        f'hydra.run.dir="{hc.runtime.output_dir}"',
+        f"hydra.job.name=rank_{local_rank}",
+        "hydra.output_subdir=null",
+    ]
+    return command, get_original_cwd()
+
+
+def use_rank_command() -> None:
+    """Make Lightning's subprocess launcher start the other ranks with :func:`rank_command`."""
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    subprocess_script._hydra_subprocess_cmd = rank_command
+
+
+PLAN_ENV = "OPD_LIT_JOB_PLAN"
+
+
+def plan_to_env(plan) -> None:
+    """Hand rank 0's decision to the ranks Lightning's launcher starts (they inherit the
+    environment): they must not plan again, since rank 0 has already acted on it."""
+    os.environ[PLAN_ENV] = json.dumps({
+        "action": plan.action, "key": plan.key, "reason": plan.reason, "run_id": plan.run_id,
+        "step": plan.checkpoint.step if plan.checkpoint is not None else None,
+    })
+
+
+def plan_from_env(cfg: DictConfig, key: str):
+    """The plan rank 0 handed over (:func:`plan_to_env`), or None outside such a child."""
+    from opd_lit.checkpoint import CheckpointStore
+    from opd_lit.jobs import JobPlan
+
+    raw = os.environ.get(PLAN_ENV)
+    if not raw:
+        return None
+    d = json.loads(raw)
+    if d["key"] != key:
+        raise RuntimeError(f"{PLAN_ENV} is for job {d['key']}, this process composes job {key}")
+    info = None
+    if d["step"] is not None:
+        store = CheckpointStore((cfg.get("checkpoint") or {}).get("dir") or f"checkpoints/{key}", key)
+        info = store.verify(int(d["step"]))
+    return JobPlan(d["action"], key, d["reason"], run_id=d["run_id"], checkpoint=info)
+
+
+def export_student(student, tokenizer, target: Path) -> None:
+    """Save the trained student as a Hugging Face directory (rank 0 writes; a sharded student
+    is gathered to full tensors on rank 0 first, which every rank takes part in)."""
+    from opd_lit.parallel import is_sharded
+
+    state = None
+    if is_sharded(student):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        head = student.get_output_embeddings()
+        if head.weight is student.get_input_embeddings().weight:  # tied: saved once, as on disk
+            name = next(n for n, m in student.named_modules() if m is head)
+            state.pop(f"{name}.weight", None)
+    if is_launch_rank_zero():
+        student.save_pretrained(target, state_dict=state)
+        tokenizer.save_pretrained(target)
+
+
 def _close_logger(logger, status: str, error: str | None = None) -> None:
     """Give the MLflow run its final status once (FINISHED only when everything is done)."""
     if logger is not None and hasattr(logger, "close"):
@@ -347,9 +452,24 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
 
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     get_class(cfg.method._target_)  # the method class imports
-    line = describe_job(cfg)
+    line = f"{describe_job(cfg)}  |  {placement(cfg)}"
     print(line, flush=True)
     return {"dry_run": True, "job": line}
+
+
+def placement(cfg: DictConfig) -> str:
+    """How the job spreads over processes: ranks, strategy, and each rank's share of the
+    global batch (``rollout.prompts_per_step``)."""
+    t = cfg.trainer
+    devices, nodes = t.get("devices", 1), int(t.get("num_nodes", 1) or 1)
+    strategy = str((t.get("strategy") or {}).get("_target_", "single")).rsplit(".", 1)[-1] if isinstance(
+        t.get("strategy"), DictConfig) else str(t.get("strategy") or "single")
+    prompts = int(cfg.rollout.prompts_per_step)
+    if not isinstance(devices, int):
+        return f"{strategy}: devices={devices} x {nodes} node(s), {prompts} prompts per step in all"
+    ranks = devices * nodes
+    share = f"{prompts // ranks}" if prompts % ranks == 0 else f"{prompts}/{ranks} (not a whole number: refused)"
+    return f"{strategy}: {ranks} rank(s) = {nodes} node(s) x {devices} device(s), {share} prompts per rank of {prompts}"
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -397,6 +517,7 @@ def user_error_message(exc: BaseException) -> str | None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    launcher_env = {k: os.environ.get(k) for k in LAUNCH_ENV}
     try:
         return run(cfg)
     except KeyboardInterrupt:  # Ctrl-C before training started (during it: exit 130 already)
@@ -414,6 +535,27 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             print(f"[opd_lit] job failed: {message}", file=sys.stderr, flush=True)  # the sweep goes on
         raise RunError(message) from None
+    finally:
+        end_process_group(launcher_env)
+
+
+# What Lightning's launcher writes into the environment of the process that starts the ranks;
+# left there, the next job of a multirun would believe its ranks were started externally.
+LAUNCH_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", PLAN_ENV)
+
+
+def end_process_group(launcher_env: dict[str, str | None]) -> None:
+    """Close this job's process group and give the environment back as it was, so that a
+    multirun's next job starts its own ranks."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in launcher_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ class RolloutSpec:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    # Greedy rollouts: deterministic, off-distribution for OPD (which samples at temperature
+    # 1); for debugging and for checks that two set-ups give the same update.
+    greedy: bool = False
     max_prompt_tokens: int = 2048
     gen_batch_size: int = 64  # hf: prompts per generate() call
     score_chunk_size: int = 4096  # positions per lm_head chunk when scoring
@@ -181,13 +184,13 @@ class RolloutDataModule(L.LightningDataModule):
             options["max_model_len"] = self.spec.max_prompt_tokens + budget
         return options
 
-    def sampling_params(self, max_new_tokens: int | None = None, greedy: bool = False) -> SamplingParams:
+    def sampling_params(self, max_new_tokens: int | None = None) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=max_new_tokens or self.spec.max_new_tokens,
             temperature=self.spec.temperature,
             top_p=self.spec.top_p,
             top_k=self.spec.top_k,
-            greedy=greedy,
+            greedy=self.spec.greedy,
         )
 
     def teacher_prompt(self, record: dict[str, Any]) -> list[int]:

@@ -46,6 +46,10 @@ class PromptSpec:
     system_prompt: str | None = None
     # {prompt} is replaced by the row's prompt text
     prompt_template: str = "{prompt}"
+    # keep rows whose difficulty_field is >= min_difficulty (null: every row); DeepMath-103K's
+    # column is "difficulty"
+    min_difficulty: float | None = None
+    difficulty_field: str = "difficulty"
     limit: int | None = None
     num_train: int = 4096  # toy: how many training problems to generate
     seed: int = 0
@@ -93,6 +97,8 @@ def file_records(spec: PromptSpec) -> list[dict[str, Any]]:
             raise DataConfigError(
                 f"data.{key}={name!r} is not a column of {spec.path}; columns: {sorted(columns)}"
             )
+    if spec.min_difficulty is not None:
+        ds = _at_least_difficulty(ds, spec)
     if spec.limit is not None:
         ds = ds.select(range(min(spec.limit, len(ds))))
     records = []
@@ -112,6 +118,24 @@ def file_records(spec: PromptSpec) -> list[dict[str, Any]]:
             }
         )
     return records
+
+
+def _at_least_difficulty(ds, spec: PromptSpec):
+    """The rows with ``difficulty_field >= min_difficulty`` (a missing column is an error)."""
+    key, low = spec.difficulty_field, spec.min_difficulty
+    if isinstance(low, bool) or not isinstance(low, (int, float)):
+        raise DataConfigError(f"data.min_difficulty={low!r}: allowed is null (every row) or a number")
+    if key not in ds.column_names:
+        raise DataConfigError(
+            f"data.min_difficulty={low!r} needs data.difficulty_field={key!r}, which is not a "
+            f"column of {spec.path}; columns: {sorted(ds.column_names)}"
+        )
+    kept = ds.filter(lambda v: v is not None and float(v) >= low, input_columns=key)
+    if len(kept) == 0:
+        raise DataConfigError(
+            f"data.min_difficulty={low!r}: no row of {spec.path} has {key} >= {low}"
+        )
+    return kept
 
 
 def load_prompt_records(spec: PromptSpec) -> list[dict[str, Any]]:

@@ -253,6 +253,16 @@ class DistillModule(L.LightningModule):
             reshard_after_forward=strategy.reshard_after_forward,
         )
 
+    def on_fit_start(self) -> None:
+        for lg in self.trainer.loggers:  # rank 0 only (the others' loggers write nothing)
+            if getattr(lg, "run_id", None) and self.trainer.is_global_zero:
+                lg.experiment.set_tag(lg.run_id, "world_size", str(self.trainer.world_size))
+        if self.trainer.world_size > 1:
+            # every rank samples its own rollouts: give each its own random stream (a resumed
+            # run then restores each rank's saved state)
+            seed = int(getattr(self.trainer.datamodule, "seed", 0)) * 1_000_003 + self.global_rank
+            torch.manual_seed(seed)
+
     def teardown(self, stage: str) -> None:
         if self.parts is not None:
             self.parts.close()

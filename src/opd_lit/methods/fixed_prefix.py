@@ -1,10 +1,13 @@
 """``method=fixed_prefix``: OPD on the first ``L`` response tokens only (FastOPD-style).
 
-weight = mask · [t < L], rescaled per sample by total mass / kept mass (the release rule's
-rescaling; ``method.rescale=false`` turns it off). A_t is the OPD advantage.
-``method.truncate_generation=true`` also stops the rollouts at ``L`` new tokens (FastOPD: no
-token is generated past the supervised prefix). ``method.schedule=linear`` grows ``L`` from
-``start_len`` at the first step to ``prefix_len`` at the last (``trainer.max_steps``).
+weight = mask · [t < L], A_t is the OPD advantage: the paper's §4.1 ("the standard OPD
+objective", supervision halted after a global prefix; no rescaling, which it describes for
+the release rule only). Tables 1 and 3 use this one definition (Table 3's FastOPD is
+Table 1's L = 2048, §4.5). Variants: ``method.rescale=true`` scales the kept tokens by total /
+kept mass per sample, as the release rule does; ``method.truncate_generation=true`` also
+stops the rollouts at ``L`` new tokens (FastOPD's own setting: nothing is generated past the
+supervised prefix). ``method.schedule=linear`` grows ``L`` from ``start_len`` at the first
+step to ``prefix_len`` at the last (``trainer.max_steps``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class FixedPrefix(DistillModule):
         truncate_generation: bool = False,
         schedule: str = "constant",
         start_len: int | None = None,
-        rescale: bool = True,
+        rescale: bool = False,
         **kwargs,
     ):
         prefix_len = _positive_int("method.prefix_len", prefix_len)

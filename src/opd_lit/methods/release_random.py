@@ -1,10 +1,20 @@
 """``method=release_random``: the random-release control of "Prefix Teach, Suffix Fade".
 
-The BIC release points of the batch are computed exactly as ``release_bic`` does (token
-positions; no release = the batch width), then permuted across the batch's samples with a
-seeded generator, clipped to each response's length and applied with the same mass-preserving
-rescale. Same distribution of release lengths, decoupled from each trajectory's own signal.
-Seed: ``method.seed`` (default null: the run's ``seed``) mixed with the global step.
+§4.1: random release "preserves the batch-level release point distribution" of the BIC rule
+but permutes the release points across samples; §4.3: it tests whether the gain comes from
+the volume of supervision. The BIC release points of the batch are computed exactly as
+``release_bic`` does, then moved between samples by :func:`permute_release_points`:
+
+- ``method.permute=relative`` (default): the relative release point (release token / length;
+  1 = nothing released) moves, within strata of ``method.stratum_size`` samples of similar
+  length, and is put back on the receiving response's length. The released fraction is
+  exactly the rule's, and the kept-token fraction stays within a fraction of a point of it.
+- ``method.permute=absolute``: the token position moves and is clipped to the receiving
+  length (with ``stratum_size: null``, the first version of this control: on long-tailed
+  lengths it releases fewer samples and keeps fewer tokens than the rule it controls for).
+
+The kept prefix gets the release rule's mass-preserving rescale. Seed: ``method.seed``
+(default null: the run's ``seed``) mixed with the global step.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from opd_lit.methods.base import DistillModule, Supervision
-from opd_lit.methods.functional import clip_release_tokens, derive_seed, permute_release_tokens
+from opd_lit.methods.functional import PERMUTE_MODES, derive_seed, permute_release_points
 from opd_lit.release import apply_release_tokens
 
 
@@ -20,14 +30,31 @@ class ReleaseRandom(DistillModule):
     name = "release_random"
     uses_release = True
 
-    def __init__(self, seed: int | None = None, **kwargs):
+    def __init__(
+        self,
+        seed: int | None = None,
+        permute: str = "relative",
+        stratum_size: int | None = 32,
+        **kwargs,
+    ):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(
                 f"method.seed={seed!r}: allowed is null (derive from the run seed) "
                 "or an integer >= 0"
             )
+        if permute not in PERMUTE_MODES:
+            raise ValueError(f"method.permute={permute!r}: allowed is one of {list(PERMUTE_MODES)}")
+        if stratum_size is not None and (
+            isinstance(stratum_size, bool) or not isinstance(stratum_size, int) or stratum_size < 2
+        ):
+            raise ValueError(
+                f"method.stratum_size={stratum_size!r}: allowed is null (one stratum: the whole "
+                "batch) or an integer >= 2 (samples per length stratum)"
+            )
         super().__init__(**kwargs)
         self.seed = seed
+        self.permute = permute
+        self.stratum_size = stratum_size
 
     def generator(self) -> torch.Generator:
         trainer = self._trainer
@@ -43,16 +70,17 @@ class ReleaseRandom(DistillModule):
         release = self.release_decision(batch, advantage)
         mask = batch.response_mask
         lengths = mask.sum(-1).long()  # [B]
-        moved = permute_release_tokens(release.release_token, self.generator())  # [B]
-        clipped = clip_release_tokens(moved, lengths)  # [B]
-        weight, _, _ = apply_release_tokens(mask, clipped)  # [B, T]
+        moved = permute_release_points(
+            release.release_token, lengths, self.generator(), self.permute, self.stratum_size
+        )  # [B], length where nothing is released
+        weight, _, _ = apply_release_tokens(mask, moved)  # [B, T]
         nonempty = lengths > 0
         stats = {}
         if bool(nonempty.any()):
             stats["release_random/release_pos_frac"] = float(
-                (clipped[nonempty].float() / lengths[nonempty].float()).mean()
+                (moved[nonempty].float() / lengths[nonempty].float()).mean()
             )
             stats["release_random/released_frac"] = float(
-                (clipped[nonempty] < lengths[nonempty]).float().mean()
+                (moved[nonempty] < lengths[nonempty]).float().mean()
             )
         return Supervision(advantage, weight, stats)

@@ -10,8 +10,11 @@ Single sample: :func:`teacher_margin`, :func:`segment_scores`,
 :func:`segment_adv_std_scores`, :func:`bic_change_point`,
 :func:`release_weights`. Training (batched, loop-free):
 :func:`release_weights_batch`, :func:`apply_release_tokens`. Segmentation:
-:func:`sentence_segments`, :func:`segment_ids_batch`, :func:`ensure_punkt`
-(imported lazily, so ``python -m opd_lit.release.segment`` runs cleanly).
+:func:`sentence_segments`, :func:`segment_ids_batch` (``segmenter``: one of
+:data:`SEGMENTERS`, lines + sentences + display math by default),
+:func:`segment_starts`, :func:`segment_count_stats` (the segments-per-response metrics),
+:func:`ensure_punkt` (imported lazily, so ``python -m opd_lit.release.segment`` runs
+cleanly).
 """
 
 from __future__ import annotations
@@ -39,11 +42,18 @@ from .rule import (  # noqa: F401 - re-exported through __all__
 )
 
 _SEGMENT_NAMES = (
+    "DEFAULT_SEGMENTER",
+    "DISPLAY_ENVIRONMENTS",
+    "PUNKT_RESOURCE",
+    "SEGMENTERS",
+    "SEGMENT_COUNT_QUANTILES",
+    "check_segmenter",
     "ensure_punkt",
+    "segment_count_stats",
     "segment_ids_batch",
+    "segment_starts",
     "sentence_segments",
     "sentence_spans",
-    "PUNKT_RESOURCE",
 )
 
 __all__ = sorted([*_rule.__all__, *_SEGMENT_NAMES])

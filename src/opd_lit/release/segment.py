@@ -1,13 +1,27 @@
 """Sentence segments of a response, as lists of token positions.
 
-The response is decoded, split into sentences with NLTK's ``sent_tokenize``
-(English Punkt), and every token is assigned to the sentence in which its first
-character starts (leading whitespace of a token is skipped, so ``" The"`` starts
-at ``T``; whitespace between two sentences belongs to the earlier one). Tokens
-that decode to no character of their own -- special tokens such as
-``<|im_end|>``, or the trailing bytes of a multi-byte character -- join the
-segment of the previous token (the first segment at position 0). Segments are
-therefore non-empty, contiguous and in order, and cover every token once.
+The response is decoded and cut into segments by one of :data:`SEGMENTERS`
+(``release.segmenter``):
+
+- ``structured`` (default): a new segment starts at every line, at every NLTK
+  ``sent_tokenize`` sentence (English Punkt), and at every display-math block
+  (``$$...$$``, ``\\[...\\]``, ``\\begin{equation}...\\end{equation}`` and the other
+  environments of :data:`DISPLAY_ENVIRONMENTS`); a block is one segment however many
+  lines it spans, and the text after it starts a new one. The paper's A.11 calls its
+  segments "NLTK-style sentence/punctuation segments" (the training code's
+  "punctuation/sentence chunking"). Punkt splits only after sentence-ending
+  punctuation, never at a bare line break, so a derivation written one step per line
+  with display formulas comes out as one or two segments, and with two segments the
+  BIC test accepts any drop.
+- ``punkt``: Punkt sentences of the whole response only.
+
+Every token is assigned to the segment in which its first character starts
+(leading whitespace of a token is skipped, so ``" The"`` starts at ``T``;
+whitespace between two segments belongs to the earlier one). Tokens that decode
+to no character of their own -- special tokens such as ``<|im_end|>``, or the
+trailing bytes of a multi-byte character -- join the segment of the previous
+token (the first segment at position 0). Segments are therefore non-empty,
+contiguous and in order, and cover every token once.
 
 Character positions come from the tokenizer's offsets when re-encoding the
 decoded text gives back the response ids (the usual case). Otherwise they are
@@ -38,19 +52,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = [
-    "PUNKT_RESOURCE",
-    "ensure_punkt",
-    "segment_ids_batch",
-    "sentence_segments",
-    "sentence_spans",
-]
+# The public names are listed once, in the package: opd_lit.release._SEGMENT_NAMES.
 
 PUNKT_RESOURCE = "tokenizers/punkt_tab/english/"
 _PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
 _punkt_ready = False
 _NON_SPACE = re.compile(r"\S")
 _MAX_HELD = 16  # incremental decoding: longest run of tokens held without text
+
+#: ``release.segmenter`` choices; the first is the default.
+SEGMENTERS: tuple[str, ...] = ("structured", "punkt")
+DEFAULT_SEGMENTER: str = SEGMENTERS[0]
+#: LaTeX environments read as display-math blocks (each also with a ``*``).
+DISPLAY_ENVIRONMENTS: tuple[str, ...] = (
+    "equation", "align", "alignat", "flalign", "gather", "multline", "eqnarray", "displaymath",
+)
+_DISPLAY_MATH = re.compile(
+    r"\$\$.+?\$\$"  # $$ ... $$
+    r"|(?<!\\)\\\[.+?\\\]"  # \[ ... \]  (not the \\[2pt] of a line break)
+    r"|\\begin\{(" + "|".join(DISPLAY_ENVIRONMENTS) + r")(\*?)\}.*?\\end\{\1\2\}",
+    re.DOTALL,
+)
 
 
 # ---------------------------------------------------------------------------
@@ -184,6 +206,56 @@ def sentence_spans(text: str) -> list[int]:
         starts.append(k)
         pos = k + len(sent)
     return starts
+
+
+def check_segmenter(segmenter: str) -> str:
+    """``segmenter`` if it is one of :data:`SEGMENTERS`, else a ValueError naming the key."""
+    if segmenter not in SEGMENTERS:
+        raise ValueError(f"release.segmenter={segmenter!r}: allowed is one of {list(SEGMENTERS)}")
+    return segmenter
+
+
+def _display_blocks(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` character spans of the display-math blocks of ``text``, in order.
+
+    An opening delimiter without its closing one is text, not a block.
+    """
+    return [m.span() for m in _DISPLAY_MATH.finditer(text)]
+
+
+def segment_starts(text: str, segmenter: str = DEFAULT_SEGMENTER) -> list[int]:
+    """Start character of each segment of ``text``, ascending and distinct.
+
+    ``punkt``: :func:`sentence_spans`. ``structured``: the union of the Punkt sentence
+    starts, the first non-space character of every line, the start of every display-math
+    block and the first non-space character after it, less every start that falls strictly
+    inside a block. Starts on whitespace-only stretches give no segment: a segment exists
+    only where a token's first character lands.
+    """
+    check_segmenter(segmenter)
+    if segmenter == "punkt":
+        return sentence_spans(text)
+    starts = set(sentence_spans(text))
+    after = [m.end() for m in re.finditer("\n", text)]  # line starts
+    blocks = _display_blocks(text)
+    for start, end in blocks:
+        starts.add(start)
+        after.append(end)
+    for pos in after:  # the first non-space character from there on, if any
+        m = _NON_SPACE.search(text, pos)
+        if m is not None:
+            starts.add(m.start())
+    ordered = sorted(starts)
+    if blocks:
+        inner_starts = [s for s, _ in blocks]
+        kept = []
+        for p in ordered:
+            i = bisect.bisect_right(inner_starts, p) - 1
+            if i >= 0 and blocks[i][0] < p < blocks[i][1]:
+                continue  # inside a display block: the block is one segment
+            kept.append(p)
+        ordered = kept
+    return ordered
 
 
 # ---------------------------------------------------------------------------
@@ -441,17 +513,22 @@ def _char_anchors(
 
 
 def sentence_segments(
-    tokenizer: Any, response_ids: Sequence[int], method: str = "auto"
+    tokenizer: Any,
+    response_ids: Sequence[int],
+    method: str = "auto",
+    segmenter: str = DEFAULT_SEGMENTER,
 ) -> list[list[int]]:
-    """Sentence segments of a response as lists of token positions.
+    """Segments of a response as lists of token positions.
 
     ``tokenizer``: a transformers tokenizer or a ``tokenizers.Tokenizer``;
     ``response_ids``: the response token ids (special tokens allowed). Returns
     non-empty, contiguous, ordered position lists covering ``0..T-1`` exactly
-    once; ``[]`` for an empty response. ``method`` forces the character-offset
-    source (``"offsets"``, ``"bytes"``, ``"incremental"``); ``"auto"`` tries them
-    in that order.
+    once; ``[]`` for an empty response. ``segmenter``: one of :data:`SEGMENTERS`
+    (see the module docstring). ``method`` forces the character-offset source
+    (``"offsets"``, ``"bytes"``, ``"incremental"``); ``"auto"`` tries them in that
+    order.
     """
+    check_segmenter(segmenter)
     ids = [
         int(i)
         for i in (response_ids.tolist() if isinstance(response_ids, Tensor) else response_ids)
@@ -460,19 +537,19 @@ def sentence_segments(
         return []
     view = _view(tokenizer)
     core = [p for p, i in enumerate(ids) if i not in view.special_ids]
-    sentence_of = [-1] * len(ids)  # -1: no character of its own
+    segment_of = [-1] * len(ids)  # -1: no character of its own
     if core:
         text, anchors = _char_anchors(view, [ids[p] for p in core], method)
-        starts = sentence_spans(text) if text.strip() else []
+        starts = segment_starts(text, segmenter) if text.strip() else []
         for p, a in zip(core, anchors):
             if a is not None:
-                sentence_of[p] = max(bisect.bisect_right(starts, a) - 1, 0)
-    # a new segment starts only where the sentence index grows; zero-width tokens
+                segment_of[p] = max(bisect.bisect_right(starts, a) - 1, 0)
+    # a new segment starts only where the segment index grows; zero-width tokens
     # (-1) and any out-of-order anchor join the current segment
     segments: list[list[int]] = [[0]]
-    current = max(sentence_of[0], 0)
+    current = max(segment_of[0], 0)
     for p in range(1, len(ids)):
-        k = sentence_of[p]
+        k = segment_of[p]
         if k > current:
             segments.append([p])
             current = k
@@ -482,13 +559,18 @@ def sentence_segments(
 
 
 def segment_ids_batch(
-    tokenizer: Any, response_ids: Tensor, response_mask: Tensor, method: str = "auto"
+    tokenizer: Any,
+    response_ids: Tensor,
+    response_mask: Tensor,
+    method: str = "auto",
+    segmenter: str = DEFAULT_SEGMENTER,
 ) -> Tensor:
     """Segment index of every response token.
 
     ``response_ids [B, T]``, ``response_mask [B, T]`` -> ``[B, T]`` long: the
     :func:`sentence_segments` index of each masked token, -1 outside the mask.
     """
+    check_segmenter(segmenter)
     if response_ids.dim() != 2 or response_mask.shape != response_ids.shape:
         raise ValueError(
             "response_ids and response_mask must both be [B, T], got "
@@ -501,12 +583,44 @@ def segment_ids_batch(
         pos = mask_cpu[b].nonzero().flatten()
         if pos.numel() == 0:
             continue
-        segs = sentence_segments(tokenizer, ids_cpu[b, pos].tolist(), method=method)
+        segs = sentence_segments(
+            tokenizer, ids_cpu[b, pos].tolist(), method=method, segmenter=segmenter
+        )
         local = torch.empty(pos.numel(), dtype=torch.long)
         for k, seg in enumerate(segs):
             local[seg] = k
         out[b, pos] = local
     return out.to(response_ids.device)
+
+
+#: Quantiles of the segments-per-response distribution that :func:`segment_count_stats` reports.
+SEGMENT_COUNT_QUANTILES: tuple[float, ...] = (0.1, 0.5, 0.9)
+
+
+def segment_count_stats(segment_ids: Tensor) -> dict[str, float]:
+    """The segments-per-response distribution of a batch, as step metrics.
+
+    ``segment_ids [B, T]`` long (-1 outside the response, as :func:`segment_ids_batch`
+    returns) -> ``release/segments_p10``, ``release/segments_p50``, ``release/segments_p90``
+    (quantiles, linear interpolation), ``release/segments_max`` and
+    ``release/segments_le2_frac`` (the share of responses with at most two segments: one
+    segment cannot be released, and with two the BIC test accepts any drop), over the
+    non-empty responses; ``{}`` when every response is empty. On several ranks, pass the
+    all-gathered ``segment_ids`` (or their per-row counts ``amax(1) + 1``) for global figures.
+    """
+    if segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must be [B, T], got shape {tuple(segment_ids.shape)}")
+    if segment_ids.shape[1] == 0:
+        return {}
+    counts = (segment_ids.to(torch.long).amax(dim=1) + 1).clamp_min(0)  # [B]
+    counts = counts[counts > 0].to(torch.float64)
+    if counts.numel() == 0:
+        return {}
+    q = torch.quantile(counts, torch.tensor(SEGMENT_COUNT_QUANTILES, dtype=torch.float64))
+    stats = {f"release/segments_p{round(100 * p)}": float(v) for p, v in zip(SEGMENT_COUNT_QUANTILES, q)}
+    stats["release/segments_max"] = float(counts.max())
+    stats["release/segments_le2_frac"] = float((counts <= 2).to(torch.float64).mean())
+    return stats
 
 
 def main(argv: Sequence[str] | None = None) -> int:
