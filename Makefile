@@ -8,7 +8,10 @@ SWEEP  ?= toy_smoke
 PORT   ?= 5000
 MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: setup test train sweep ui bench lint toy clean
+GPU_PYTHON ?= python3
+GPU_OUT    ?= gpu_check.json
+
+.PHONY: setup test train sweep ui bench gpu-check lint toy clean
 
 setup:  ## create .venv with everything (CPU torch first), offline NLTK data, verify the toy models
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +38,9 @@ ui:  ## MLflow UI over the runs, on 127.0.0.1
 
 bench:  ## speed and memory figures as one JSON object
 	$(PY) -m opd_lit.bench $(ARGS)
+
+gpu-check:  ## on one H100/H200 (<= 8 min): 1.7B-shape FSDP2 bf16 step (tokens/s, MFU), 16k-token scoring vs full logits, rollout engines -> $(GPU_OUT)
+	PYTHONPATH=src $(GPU_PYTHON) -m opd_lit.bench bench.size=1p7b bench.parts=rollout,score,train,fsdp bench.reps=2 bench.out=$(GPU_OUT)
 
 lint:
 	$(BIN)/ruff check src tests

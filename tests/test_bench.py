@@ -83,20 +83,33 @@ def test_bench_without_vllm_reports_null_with_a_note(monkeypatch, tmp_path):
     assert any("vLLM is not installed" in n for n in b.notes)
 
 
-def test_trainer_fsdp_composes_and_builds_its_strategy(tmp_path):
-    from hydra.utils import instantiate
-    from lightning.pytorch.strategies import FSDPStrategy
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+def test_fsdp_part_times_an_fsdp2_update(tmp_path):
+    """The part `make gpu-check` runs for the 1.7B shape, on the toy student and the CPU."""
+    proc = run_module("opd_lit.bench", "bench.parts=fsdp", "bench.reps=1", f"bench.out={tmp_path / 'b.json'}",
+                      cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert out["fsdp_train_tok_s"] > 0 and out["fsdp_train_s"] > 0 and out["fsdp_train_mfu"] is None  # no GPU
 
-    cfg = compose_cfg(tmp_path, "trainer=fsdp", "trainer.devices=8", "trainer.num_nodes=2",
-                      "student.gradient_checkpointing=false")
-    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.num_nodes == 2
+
+def test_trainer_fsdp_and_ddp_compose_and_build_their_strategies(tmp_path):
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from opd_lit.parallel import FSDP2Strategy
+
+    cfg = compose_cfg(tmp_path, "trainer=fsdp", "trainer.devices=8", "trainer.num_nodes=2")
+    assert cfg.trainer.precision == "32-true" and cfg.trainer.num_nodes == 2  # bf16 is FSDP2's own
     strategy = instantiate(cfg.trainer.strategy, _convert_="all")  # no GPU needed to build it
-    assert isinstance(strategy, FSDPStrategy)
-    wrap = strategy.kwargs["auto_wrap_policy"]
-    assert Qwen3DecoderLayer in wrap._module_classes
-    ckpt = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
-    assert Qwen3DecoderLayer in ckpt._module_classes
+    assert isinstance(strategy, FSDP2Strategy)
+    assert strategy.activation_checkpointing and strategy.reshard_after_forward and not strategy.shard_teacher
+    assert strategy.mixed_precision == "auto"
+    with pytest.raises(ValueError, match=r"trainer.strategy.mixed_precision='fp8' is not one of"):
+        FSDP2Strategy(mixed_precision="fp8")
+    ddp = compose_cfg(tmp_path, "trainer=ddp", "trainer.devices=4")
+    assert ddp.trainer.precision == "bf16-mixed" and not ddp.trainer.use_distributed_sampler
+    assert compose_cfg(tmp_path, "trainer=ddp", "trainer.accelerator=cpu").trainer.precision == "32-true"
+    assert isinstance(instantiate(ddp.trainer.strategy), DDPStrategy)
 
 
 def test_student_config_has_the_throughput_switches(tmp_path):

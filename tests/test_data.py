@@ -35,25 +35,16 @@ def test_padding_layout():
 def test_vllm_context_fits_the_longer_of_training_and_evaluation_budgets(tmp_path, monkeypatch):
     """rollout=vllm sizes max_model_len for the in-training evaluation's budget too (the paper
     presets train at 16k new tokens and evaluate at 32k on the same engine)."""
-    import types
-
     from e2e import compose_cfg
 
-    import opd_lit.data.datamodule as dmod
     from opd_lit.train import build
 
-    seen = {}
-    monkeypatch.setattr(dmod, "build_engine", lambda name, model, **options: seen.update(options, name=name))
-
     def engine_options(*overrides):
-        seen.clear()
         cfg = compose_cfg(tmp_path, "rollout=vllm", "rollout.max_new_tokens=96",
                           "rollout.max_prompt_tokens=64", *overrides)
         dm, _, _ = build(cfg, tmp_path / "run")
         dm.prepare_tokenizers()
-        dm.trainer = types.SimpleNamespace(lightning_module=types.SimpleNamespace(student=None))
-        dm.engine  # noqa: B018 - builds the engine
-        return dict(seen)
+        return {**dm.engine_options(), "name": dm.spec.engine}  # what build_engine is given
 
     assert engine_options("eval.toy.max_new_tokens=500")["max_model_len"] == 64 + 500
     assert engine_options("eval.max_new_tokens=40")["max_model_len"] == 64 + 96

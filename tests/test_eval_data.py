@@ -22,13 +22,15 @@ from opd_lit.eval.benchmarks import (
     load_problems,
 )
 from opd_lit.eval.harness import Evaluator, parse_eval_config
+from opd_lit.eval.sandbox import detect_isolation
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # what opd_lit.train uses
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "eval"
 BENCHMARKS = [
-    "aime25", "hmmt25_feb", "hmmt25_nov", "math500", "minerva", "gpqa_diamond",
-    "livecodebench_v6", "mbpp", "humaneval", "toy",
+    "aime24", "aime25", "aime26", "hmmt25_feb", "hmmt25_nov", "math500", "minerva", "deepmath",
+    "gpqa_diamond", "livecodebench_v6", "mbpp", "humaneval", "toy",
 ]
+JAIL_OR_ALLOW = () if detect_isolation().jailed else ("eval.allow_unsandboxed=true",)
 
 
 def eval_cfg(name: str, *overrides: str, config: str = "evaluate") -> dict:
@@ -45,7 +47,10 @@ def fixtures_dir(monkeypatch):
 
 def test_registry_has_one_yaml_per_benchmark_and_the_groups():
     names = {p.stem for p in Path(CONF_DIR, "eval").glob("*.yaml")}
-    assert set(BENCHMARKS) | {"math5", "gpqa", "code"} <= names
+    assert set(BENCHMARKS) | {"math5", "gpqa", "code", "lgr"} <= names
+    from opd_lit.eval.benchmarks import registry
+
+    assert set(BENCHMARKS) <= set(registry())
 
 
 def test_paper_budgets(fixtures_dir):
@@ -67,7 +72,7 @@ def test_paper_budgets(fixtures_dir):
 def test_every_benchmark_loads_its_fixture_with_the_shipped_config(fixtures_dir):
     loaded = {}
     for group in ("math5", "gpqa", "code"):
-        ev = Evaluator(eval_cfg(group))
+        ev = Evaluator(eval_cfg(group, *JAIL_OR_ALLOW))
         loaded.update(ev.benchmarks)
     ids = {name: [p.id for p in b.problems] for name, b in loaded.items()}
     assert ids["aime25"] == ["1", "2", "3"]  # MathArena problem_idx, from data/*.parquet
@@ -105,9 +110,10 @@ def test_num_problems_caps_every_benchmark(fixtures_dir):
 def test_training_config_composes_with_every_eval_group(fixtures_dir):
     from opd_lit.eval.callback import EvalCallback
 
-    for group in ("toy", "math5", "gpqa", "code", "math500"):
+    for group in ("toy", "math5", "gpqa", "code", "math500", "lgr"):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"eval={group}", "eval.every_n_steps=10"])
+            cfg = compose(config_name="config",
+                          overrides=[f"eval={group}", "eval.every_n_steps=10", *JAIL_OR_ALLOW])
         cb = EvalCallback(**OmegaConf.to_container(cfg.eval, resolve=True))
         assert cb.every_n_steps == 10 and cb.benchmarks
 
@@ -122,7 +128,7 @@ def test_missing_file_names_benchmark_path_and_schema(tmp_path, monkeypatch):
     assert "OPD_EVAL_DIR" in msg and "eval.math500.path" in msg
     with pytest.raises(BenchmarkFileNotFound, match=r"'Correct Answer'.*'Incorrect Answer 1'"):
         Evaluator(eval_cfg("gpqa"))
-    with pytest.raises(BenchmarkFileNotFound, match=r"no parquet files under"):
+    with pytest.raises(BenchmarkFileNotFound, match=r"no jsonl/json/parquet/csv files under"):
         (tmp_path / "nowhere" / "aime25").mkdir(parents=True)
         Evaluator(eval_cfg("aime25"))
 
@@ -203,3 +209,60 @@ def test_date_window_and_format_inference(tmp_path):
         "date_from": "2025-02-01", "date_to": "2025-05-31",
     })
     assert [p.id for p in load_problems(spec)] == ["p1", "p2"]
+
+
+def test_aime24_aime26_and_deepmath_load_in_their_public_schema(fixtures_dir, monkeypatch):
+    monkeypatch.setenv("OPD_DATA_DIR", str(FIXTURES))  # DeepMath-103K: the training copy's place
+    aime24 = Evaluator(eval_cfg("aime24")).benchmarks["aime24"]
+    assert [(p.id, p.data["answer"]) for p in aime24.problems] == [("60", "42"), ("61", "99")]
+    aime26 = Evaluator(eval_cfg("aime26")).benchmarks["aime26"]
+    assert [(p.id, p.data["answer"]) for p in aime26.problems] == [("1", "7"), ("2", "12")]  # an int column
+    deep = Evaluator(eval_cfg("deepmath")).benchmarks["deepmath"]
+    assert sorted(p.id for p in deep.problems) == ["0", "1", "2", "3"]  # no id field: numbered
+    by_id = {p.id: p for p in deep.problems}
+    assert by_id["1"].data["answer"] == "Yes" and by_id["1"].data["difficulty"] == 1.0
+    assert by_id["1"].data["topic"].startswith("Mathematics -> Number Theory")
+    assert deep.grade(by_id["1"], 0, "\\boxed{yes}").correct
+    assert deep.grade(by_id["3"], 0, "\\boxed{0.5}").correct  # gold \dfrac{1}{2}
+    # a seeded subset: reproducible, and not simply the first rows
+    subsets = [tuple(p.id for p in Evaluator(eval_cfg(
+        "deepmath", "eval.deepmath.max_problems=2", f"eval.deepmath.subset_seed={seed}")).benchmarks["deepmath"].problems)
+        for seed in (0, 0, 1, 2, 3)]
+    assert subsets[0] == subsets[1] and len(set(subsets)) > 1
+    assert parse_eval_config(eval_cfg("deepmath")).specs["deepmath"].max_problems == 500
+
+
+def test_lgr_mean8_setting(fixtures_dir):
+    lgr = parse_eval_config(eval_cfg("lgr"))
+    six = ["aime24", "aime25", "aime26", "hmmt25_feb", "hmmt25_nov", "livecodebench_v6"]
+    assert lgr.settings.benchmarks == six and lgr.settings.averages == {"lgr_mean8": six}
+    assert lgr.settings.samples == 8  # mean@8 on every benchmark, whatever its own budget
+    assert {s.samples for s in lgr.selected} == {32, 4}  # ... which it overrides
+
+
+def test_files_are_read_by_suffix_unless_a_format_is_forced(tmp_path, fixtures_dir):
+    rows = [{"problem_idx": 1, "problem": "1+1?", "answer": "2"}, {"problem_idx": 2, "problem": "2+2?", "answer": "4"}]
+    path = tmp_path / "aime25.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = Evaluator(eval_cfg("aime25", f"eval.aime25.path={path}"))  # the public copy is parquet
+    assert [p.id for p in ev.benchmarks["aime25"].problems] == ["1", "2"]
+    with pytest.raises(BenchmarkDataError, match=r"aime25.jsonl is a jsonl file by its suffix, but "
+                       r"eval.aime25.format=parquet forces parquet; set eval.aime25.format=null"):
+        Evaluator(eval_cfg("aime25", f"eval.aime25.path={path}", "eval.aime25.format=parquet"))
+    csv_copy = tmp_path / "aime25.csv"
+    csv_copy.write_text("problem_idx,problem,answer\n1,1+1?,2\n")
+    assert len(Evaluator(eval_cfg("aime25", f"eval.aime25.path={csv_copy}")).benchmarks["aime25"].problems) == 1
+
+
+def test_a_copy_without_the_id_field_is_numbered(tmp_path, fixtures_dir, caplog):
+    path = tmp_path / "aime.jsonl"
+    path.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n" + json.dumps({"problem": "2+2?", "answer": "4"}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        ev = Evaluator(eval_cfg("aime25", f"eval.aime25.path={path}"))
+    assert [p.id for p in ev.benchmarks["aime25"].problems] == ["0", "1"]
+    assert "no row of" in caplog.text and "'problem_idx'" in caplog.text
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text(json.dumps({"problem_idx": 1, "problem": "1+1?", "answer": "2"}) + "\n"
+                       + json.dumps({"problem": "2+2?", "answer": "4"}) + "\n")
+    with pytest.raises(BenchmarkDataError, match=r"partial.jsonl line 2: missing id \(field 'problem_idx'\)"):
+        Evaluator(eval_cfg("aime25", f"eval.aime25.path={partial}"))

@@ -147,6 +147,9 @@ def test_cli_regrades_from_the_command_line(tmp_path):
     assert "Minerva" in proc.stdout and "100.00" in proc.stdout
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert scores["metrics"]["eval/minerva/score"] == 1.0
+    # everything it wrote is under output_dir, Hydra's own files included
+    assert (tmp_path / "out" / ".hydra" / "config.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.jsonl"]
 
 
 @needs_toy
@@ -166,7 +169,7 @@ def test_callback_with_real_engines_student_every_n_steps_and_teacher_once(tiny_
     from opd_lit.eval.callback import EvalCallback
     from opd_lit.models import end_of_turn_ids, freeze, load_causal_lm, load_tokenizer
     from opd_lit.rollout import HFEngine
-    from opd_lit.teacher import TeacherCallback
+    from opd_lit.teacher import TeacherCallback, TeacherModels
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
@@ -178,9 +181,10 @@ def test_callback_with_real_engines_student_every_n_steps_and_teacher_once(tiny_
     model = freeze(load_causal_lm(tiny_model_dir))
     eos = end_of_turn_ids(tok, tiny_model_dir)
     teacher_cb = TeacherCallback(path=str(tiny_model_dir))
-    teacher_cb.teacher = model
+    teacher_cb.models = TeacherModels(model)
+    module = SimpleNamespace(parts=SimpleNamespace(engine=HFEngine(model, pad_id=tok.pad_token_id, eos_ids=eos)))
     dm = SimpleNamespace(
-        engine=HFEngine(model, pad_id=tok.pad_token_id, eos_ids=eos), student_tokenizer=tok,
+        student_tokenizer=tok,
         teacher_tokenizer=tok, eos_ids=eos, student_template_kwargs={}, teacher_template_kwargs={},
         teacher_path=str(tiny_model_dir), spec=SimpleNamespace(gen_batch_size=8),
         prepare_tokenizers=lambda: None,
@@ -195,11 +199,11 @@ def test_callback_with_real_engines_student_every_n_steps_and_teacher_once(tiny_
 
     trainer = SimpleNamespace(datamodule=dm, global_step=0, max_steps=3, loggers=[Logger()],
                               callbacks=[teacher_cb, cb])
-    cb.on_train_start(trainer, None)
+    cb.on_train_start(trainer, module)
     for step in (1, 2, 3):
         trainer.global_step = step
-        cb.on_train_batch_end(trainer, None, None, None, step - 1)
-    cb.on_train_end(trainer, None)
+        cb.on_train_batch_end(trainer, module, None, None, step - 1)
+    cb.on_train_end(trainer, module)
     steps = {name: [s for s, m in logged if name in m] for name in (
         "eval/toy/score", "eval/toy/accuracy", "eval/toy/teacher_score", "eval/toy/teacher_accuracy")}
     assert steps == {"eval/toy/score": [0, 2, 3], "eval/toy/accuracy": [0, 2, 3],

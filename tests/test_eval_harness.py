@@ -10,8 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from opd_lit.eval import sandbox as sandbox_module
 from opd_lit.eval.benchmarks import BenchmarkDataError
 from opd_lit.eval.harness import Evaluator, result_table
+from opd_lit.eval.sandbox import Isolation, UnsandboxedError, detect_isolation
 from opd_lit.rollout import Generation
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -57,6 +59,12 @@ class ScriptedEngine:
 
     def sync_weights(self, model):
         pass
+
+
+JAIL = detect_isolation()
+# Code benchmarks run in the jail; where this machine cannot build one, these tests (their
+# programs are ours) allow running without it. The refusal itself: test_code_is_refused_...
+CODE = () if JAIL.jailed else ("eval.allow_unsandboxed=true",)
 
 
 def eval_cfg(name, *overrides):
@@ -205,7 +213,7 @@ CODE_RESPONSES = {
 
 
 def test_code_benchmarks_run_the_programs(tmp_path):
-    ev = Evaluator(eval_cfg("code"))
+    ev = Evaluator(eval_cfg("code", *CODE))
     rows = []
     for (bench, pid), (right, wrong) in CODE_RESPONSES.items():
         rows.append({"benchmark": bench, "problem_id": pid, "response": right})
@@ -217,13 +225,15 @@ def test_code_benchmarks_run_the_programs(tmp_path):
         assert [rec.correct for rec in r.records] == [True, False] * 2, (name, [rec.detail for rec in r.records])
         assert r.score == 0.5
     assert result.averages["code_avg"] == 0.5
+    metrics = result.metrics()
+    assert {metrics[f"eval/{n}/isolation"] for n in result.results} == {ev.sandbox.isolation.level}
     details = {(rec.benchmark, rec.problem_id, rec.sample): rec.detail for r in result.results.values() for rec in r.records}
     assert details[("livecodebench_v6", "fx-sum", 1)].startswith("test 1: fail: wrong answer")
     assert details[("mbpp", "12", 1)].startswith("fail")
 
 
 def test_hostile_programs_are_scored_wrong_and_evaluation_goes_on(tmp_path):
-    ev = Evaluator(eval_cfg("humaneval", "eval.humaneval.timeout_s=1.5", "eval.sandbox.memory_mb=512"))
+    ev = Evaluator(eval_cfg("humaneval", "eval.humaneval.timeout_s=1.5", "eval.sandbox.memory_mb=512", *CODE))
     hostile = [
         "```python\ndef add(a, b):\n    while True:\n        pass\n```",
         "```python\nimport subprocess, sys\nfor _ in range(10):\n"
@@ -236,7 +246,8 @@ def test_hostile_programs_are_scored_wrong_and_evaluation_goes_on(tmp_path):
     path.write_text("".join(json.dumps({"task_id": "FixtureEval/0", "response": h}) + "\n" for h in hostile))
     r = ev.regrade(path).results["humaneval"]
     assert [rec.correct for rec in r.records] == [False, False, False, True]
-    assert [rec.detail for rec in r.records[:3]] == ["timeout", "timeout", "memory"]
+    assert [rec.detail for rec in r.records[:3]] == [
+        "timeout", "timeout", "fail: the candidate did not load: MemoryError"]
     assert r.score == 0.25
 
 
@@ -257,18 +268,67 @@ def test_callback_runs_at_start_every_n_steps_and_at_the_end(tmp_path):
     ev = cb.evaluator
     engine = ScriptedEngine(math_responder(ev))
     dm = SimpleNamespace(
-        engine=engine, student_tokenizer=ByteTokenizer(), eos_ids=[EOS], student_template_kwargs={},
+        student_tokenizer=ByteTokenizer(), eos_ids=[EOS], student_template_kwargs={},
         prepare_tokenizers=lambda: None,
     )
+    module = SimpleNamespace(parts=SimpleNamespace(engine=engine))  # the step's rollout engine
     logger = RecordingLogger(tmp_path)
     trainer = SimpleNamespace(datamodule=dm, global_step=0, max_steps=5, loggers=[logger], callbacks=[])
-    cb.on_train_start(trainer, None)
+    cb.on_train_start(trainer, module)
     for step in range(1, 6):
         trainer.global_step = step
-        cb.on_train_batch_end(trainer, None, None, None, step - 1)
-    cb.on_train_end(trainer, None)
+        cb.on_train_batch_end(trainer, module, None, None, step - 1)
+    cb.on_train_end(trainer, module)
     steps = [s for s, m in logger.logged if "eval/math500/score" in m]
     assert steps == [0, 2, 4, 5]
     assert [row["step"] for row in cb.history] == [0, 2, 4, 5]
     assert all(row["eval/math500/score"] == 1.0 for row in cb.history)
     assert (tmp_path / "eval" / "math500" / "samples-step000004.jsonl").is_file()
+
+
+def test_code_is_refused_without_the_jail_unless_allowed(monkeypatch, tmp_path):
+    none = Isolation("none", reason="no namespaces in this test")
+    monkeypatch.setattr(sandbox_module, "detect_isolation", lambda mode=None: none)
+    with pytest.raises(UnsandboxedError, match="eval.allow_unsandboxed=true"):
+        Evaluator(eval_cfg("humaneval"))  # before any model would be loaded
+    Evaluator(eval_cfg("math500"))  # no programs, nothing to refuse
+    ev = Evaluator(eval_cfg("humaneval", "eval.allow_unsandboxed=true"))
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"task_id": "FixtureEval/0", "response": CODE_RESPONSES[("humaneval", "FixtureEval/0")][0]}) + "\n")
+    result = ev.regrade(path)
+    assert result.metrics()["eval/humaneval/isolation"] == 0.0 and result.results["humaneval"].score == 1.0
+
+
+def test_gpqa_a_response_cut_at_the_budget_has_no_answer():
+    ev = Evaluator(eval_cfg("gpqa", "eval.max_new_tokens=40"))
+    bench = ev.benchmarks["gpqa_diamond"]
+
+    def respond(prompt, j):
+        p = next(p for p in bench.problems if p.data["question"] in prompt)
+        letter = re.search(rf"^([A-D])\) {re.escape(p.data['correct'])}(?:\n|<\|)", prompt, re.M).group(1)
+        return f"Answer: {letter}\nLet me double check this by going through each option again"
+
+    cut = ev.evaluate(ScriptedEngine(respond), ByteTokenizer(), [EOS]).results["gpqa_diamond"]
+    assert cut.truncated_frac == 1.0 and cut.score == 0.0
+    assert {r.detail for r in cut.records} == {"cut off at the token budget: no final answer"}
+    whole = Evaluator(eval_cfg("gpqa")).evaluate(ScriptedEngine(respond), ByteTokenizer(), [EOS])
+    assert whole.results["gpqa_diamond"].score == 1.0
+
+
+def test_regrade_reads_key_aliases_and_titles_and_names_unknown_benchmarks(tmp_path, caplog):
+    ev = Evaluator(eval_cfg("math500"))
+    path = tmp_path / "r.jsonl"
+    path.write_text(
+        json.dumps({"dataset": "MATH500", "id": "test/prealgebra/1.json", "completion": "\\boxed{2}"}) + "\n"
+        + json.dumps({"benchmark": "math500", "unique_id": "test/prealgebra/2.json", "output": "\\boxed{0.5}"}) + "\n"
+        + json.dumps({"benchmark": "AIME25", "problem_id": "1", "response": "\\boxed{23}"}) + "\n"  # not selected
+    )
+    with caplog.at_level("WARNING"):
+        r = ev.regrade(path).results["math500"]
+    assert (r.num_samples, r.score) == (2, 1.0)
+    assert "skipped: {'aime25': 1}" in caplog.text
+    typo = tmp_path / "typo.jsonl"
+    typo.write_text(json.dumps({"benchmark": "MATH-500", "id": "test/prealgebra/1.json", "response": "x"}) + "\n"
+                    + json.dumps({"benchmark": "MATH-500", "id": "test/prealgebra/2.json", "response": "x"}) + "\n")
+    with pytest.raises(BenchmarkDataError, match=r"unknown benchmark\(s\) 'MATH-500' \(lines 1, 2\).*'math500'"):
+        ev.regrade(typo)

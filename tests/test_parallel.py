@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e import REPO, compose_cfg, mlflow_runs
+from e2e import compose_cfg, mlflow_runs
 from reliability_kit import checkpoint_steps, env, pair_overrides, step_metrics, tiny_pair, wait_for  # noqa: F401
 
 from opd_lit.data.datamodule import StepBatchSampler

@@ -22,6 +22,7 @@ EXPECTED_JOBS = {
     "table5": 3 * 3,
     "toy_table1": 8 * 3,
     "toy_smoke": 2 * 2,
+    "lgr": 5 * 3,  # OPD, OPD (topk) renormalised / not, LGR, LGR (topk), x 3 seeds
 }
 
 
@@ -159,3 +160,16 @@ def test_an_experiment_preset_wins_over_the_base_config(tmp_path, name):
         for part in key.split("."):
             got = got[part]
         assert got == value, f"{name}: {key} = {got!r}, the preset says {value!r}"
+
+
+def test_the_lgr_sweep_compares_opd_its_topk_forms_and_lgr_on_the_7b_setting(dry_run, tmp_path):
+    from e2e import compose_cfg
+
+    jobs = job_lines(dry_run("lgr"))
+    labels = sorted({re.search(r"label='([^']*)'", j).group(1) for j in jobs})
+    assert labels == ["LGR", "LGR (topk)", "OPD", "OPD (topk)", "OPD (topk, unnormalised)"]
+    assert sum("Teacher" in j for j in jobs) == 1  # the teacher evaluated once per sweep
+    assert all("DeepSeek-R1-Distill-Qwen-7B" in j and "aime24" in j and "aime26" in j for j in jobs)
+    cfg = compose_cfg(tmp_path, "experiment=paper_lgr_7b", fast=False)
+    assert cfg.rollout.max_new_tokens == 39936 and cfg.eval.samples == 8
+    assert cfg.trainer.strategy.shard_teacher and cfg.trainer.devices == 8

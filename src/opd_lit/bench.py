@@ -12,6 +12,9 @@ Everything is measured in the same run, on the machine it runs on (``device`` sa
   with gradients, what the training step uses today) and the fused chunked loss
   (:func:`~opd_lit.scoring.fused_logprob_loss`);
 - train: tokens/s of one student update (loss forward + backward + AdamW) and its MFU (GPU);
+- fsdp: the same update as ``trainer=fsdp`` runs it (FSDP2 ``fully_shard`` per decoder layer
+  and root, bf16 compute with fp32 reduce on a GPU, activation checkpointing) in a world of one
+  process: tokens/s, MFU and peak memory;
 - release rule: sentence segmentation + BIC release of one batch, ms and share of the step;
 - ``bench.peer=trl``: one training step of TRL's ``DistillationTrainer`` against one of
   ``opd_lit`` (method ``opd``) on the same toy models, prompts, batch and response length.
@@ -23,7 +26,7 @@ each variant in a fresh subprocess. Both count every tensor the call allocates (
 temporaries, gradients), not the model and inputs that exist before it.
 
 Keys: ``bench.size`` (``tiny`` on CPU, ``1p7b`` = the Qwen3-1.7B shape, GPU only),
-``bench.parts`` (comma list of rollout, score, loss, train, release; default all),
+``bench.parts`` (comma list of rollout, score, loss, train, fsdp, release; default all),
 ``bench.peer`` (``none`` | ``trl``), ``bench.reps`` (timed repetitions, best is reported),
 ``bench.out`` (also write the JSON to this file), and any size field as ``bench.<field>``
 (e.g. ``bench.score_tokens=2048``).
@@ -50,7 +53,7 @@ from typing import Any
 
 log = logging.getLogger("opd_lit.bench")
 
-PARTS = ("rollout", "score", "loss", "train", "release")
+PARTS = ("rollout", "score", "loss", "train", "fsdp", "release")
 QWEN_VOCAB = 151936
 # Dense bf16 peak of the GPUs this project is measured on (FLOP/s), for the MFU.
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -775,6 +778,56 @@ class Bench:
         self._update_s = t_ckpt
         model.eval()
 
+    def bench_fsdp(self) -> None:
+        """One update of the student under FSDP2 exactly as ``trainer=fsdp`` shards it
+        (:func:`opd_lit.parallel.shard_model`), in a process group of this one process."""
+        import socket
+
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from opd_lit.objectives import policy_gradient_loss
+        from opd_lit.parallel import forward_call, shard_model
+        from opd_lit.scoring import score_tokens
+
+        s = self.size
+        ids, am, _, _, r, rm, _ = self._train_batch()
+        started = False
+        if not dist.is_initialized():
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            dist.init_process_group("nccl" if self.cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                    rank=0, world_size=1)
+            started = True
+        try:
+            model = copy.deepcopy(self.student).float().train()  # fp32 master weights, sharded
+            mesh = init_device_mesh("cuda" if self.cuda else "cpu", (1,))
+            shard_model(model, mesh, param_dtype=torch.bfloat16 if self.cuda else None,
+                        activation_checkpointing=s.model != "toy")
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+            g = torch.Generator().manual_seed(3)
+            adv = torch.randn(rm.shape, generator=g).to(rm.device) * rm
+            n_tok = rm.sum()
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                lp = forward_call(model, score_tokens, ids, am, r, rm, chunk_size=s.score_chunk).logprobs
+                policy_gradient_loss(lp, adv, rm, n_tok).backward()
+                opt.step()
+
+            step()  # warm-up (and AdamW state)
+            with PeakMemory() as mem:
+                seconds, _ = _timed(step, self.reps)
+            self.out["fsdp_train_tok_s"] = round(float(rm.sum()) / seconds, 1)
+            self.out["fsdp_train_mfu"] = self._mfu(model, float(am.sum()), int(am.shape[1]), seconds)
+            self.out["fsdp_train_peak_mib"] = mem.mib
+            self.out["fsdp_train_s"] = round(seconds, 3)
+        finally:
+            if started:
+                dist.destroy_process_group()
+
     def _mfu(self, model, tokens: float, seq: int, seconds: float) -> float | None:
         """Model FLOPs utilisation on a GPU: (6·N + 6·L·d·S) FLOPs per token / time / peak.
 
@@ -994,7 +1047,7 @@ class Bench:
         s = self.size
         self.out["device"] = device_string()
         self.out["bench_size"] = s.name
-        needs_models = {"rollout", "train", "release"} & set(self.parts)
+        needs_models = {"rollout", "train", "fsdp", "release"} & set(self.parts)
         if needs_models:
             self.setup_models()
         for part in PARTS:
@@ -1005,6 +1058,7 @@ class Bench:
         for key in ("rollout_hf_tok_s", "rollout_vllm_tok_s", "rollout_speedup", "score_full_tok_s",
                     "score_chunked_tok_s", "score_full_peak_mib", "score_chunked_peak_mib",
                     "score_mem_ratio", "score_speed_ratio", "train_tok_s", "train_mfu",
+                    "fsdp_train_tok_s", "fsdp_train_mfu", "fsdp_train_peak_mib",
                     "release_ms", "release_step_share"):
             self.out.setdefault(key, None)
         if self.peer == "trl":

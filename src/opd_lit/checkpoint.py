@@ -31,12 +31,12 @@ resume if the kill came before they reached the logger).
 from __future__ import annotations
 
 import errno
-import shutil
 import json
 import logging
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -682,10 +682,10 @@ class CheckpointCallback(L.Callback):
         if parts is not None and parts._engine is not None:
             parts.engine.sync_weights(pl_module.student)  # a no-op for hf (the same module)
         if relog_pending_metrics(trainer.loggers, ckpt.get("pending_metrics")):
-            log.info("re-sent the metrics of step %d (the run had stopped before they were logged)", step - 1)
+            log.debug("re-sent the metrics of step %d (the run had stopped before they were logged)", step - 1)
         restore_rng(ckpt["rng"], self._generators(trainer))
         self.last_saved_step = step
-        log.info("resumed at step %d (global step, data position and RNG restored)", step)
+        log.debug("resumed at step %d (global step, data position and RNG restored)", step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

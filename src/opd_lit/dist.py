@@ -34,3 +34,34 @@ def is_launch_rank_zero() -> bool:
     return launch_rank() == 0
 
 
+
+
+def join_external_group() -> bool:
+    """Under ``torchrun`` or SLURM (every rank started by the launcher, none by Lightning),
+    start the process group now, before the job is planned, so rank 0 can plan and act alone
+    and hand its decision to the others (:func:`broadcast_from_rank_zero`). Lightning later
+    finds the group up and uses it. Returns whether such a group was joined."""
+    import torch.distributed as dist
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    env = next((cls() for cls in (TorchElasticEnvironment, SLURMEnvironment) if cls.detect()), None)
+    if env is None or env.world_size() <= 1:
+        return False
+    os.environ.setdefault("MASTER_ADDR", env.main_address)
+    os.environ.setdefault("MASTER_PORT", str(env.main_port))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, rank=env.global_rank(), world_size=env.world_size())
+    return True
+
+
+def broadcast_from_rank_zero(make):
+    """``make()`` on rank 0, its result on every rank (one process: just ``make()``)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return make()
+    box = [make() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -11,7 +11,8 @@ as training, or re-grades saved responses without loading a model::
 Writes MLflow metrics (``eval/<benchmark>/score``, ``eval/math5_avg``, ...), the per-sample
 JSONL artifact (``eval/<benchmark>/samples.jsonl``) and prints a table. With ``run_id=`` the
 metrics go into that (training) run, at its last step; otherwise into a new run of
-``experiment_name``. The output directory also gets ``samples.jsonl`` and ``scores.json``.
+``experiment_name``. The output directory (``output_dir``) gets ``samples.jsonl`` and
+``scores.json``, and Hydra's own files: nothing is written anywhere else.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def generate_and_grade(cfg: DictConfig, evaluator: Evaluator, model_path: str,
 
 
 def log_to_mlflow(cfg: DictConfig, result: EvalResult, model_label: str, mode: str,
-                  eval_cfg: dict[str, Any]) -> str:
+                  eval_cfg: dict[str, Any], isolation: str | None = None) -> str:
     from mlflow.entities import Metric, Param
 
     from opd_lit.tracking import flatten
@@ -156,6 +157,8 @@ def log_to_mlflow(cfg: DictConfig, result: EvalResult, model_label: str, mode: s
         for name, r in result.results.items():
             client.log_text(run_id, r.samples_jsonl(), f"eval/{name}/samples.jsonl")
     client.set_tag(run_id, "eval.last", f"{mode}: {','.join(result.results)} ({model_label})")
+    if isolation is not None:
+        client.set_tag(run_id, "eval.isolation", isolation)
     if not cfg.get("run_id"):
         client.set_terminated(run_id)
     return run_id
@@ -185,6 +188,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     wall = time.perf_counter() - t0
 
     (out / "samples.jsonl").write_text(result.samples_jsonl(), encoding="utf-8")
+    isolation = evaluator.sandbox.isolation.describe() if evaluator.sandbox is not None else None
     summary: dict[str, Any] = {
         "mode": mode,
         "model": model_label,
@@ -192,8 +196,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "wall_s": round(wall, 2),
         "output_dir": str(out),
     }
+    if isolation is not None:
+        summary["isolation"] = isolation
     if cfg.logger.kind == "mlflow":
-        summary["mlflow_run_id"] = log_to_mlflow(cfg, result, model_label, mode, eval_cfg)
+        summary["mlflow_run_id"] = log_to_mlflow(cfg, result, model_label, mode, eval_cfg, isolation)
     (out / "scores.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     title = f"opd_lit.evaluate: {model_label}"
     if "mlflow_run_id" in summary:

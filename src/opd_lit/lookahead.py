@@ -256,11 +256,14 @@ def lookahead_max_prob(
     *,
     segments: int = 8,
     chunk_size: int = 4096,
+    fixed_calls: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Tree-attention lookahead: ``(r_raw [B, T, K] float32, branch forwards)``.
 
     ``r_raw[b, t, k] = max_v p(v | prefix_b, y_<t, candidate_ids[b, t, k])`` on triggered
     positions, 0 elsewhere. The cache is restored to its prefill length after every forward.
+    ``fixed_calls``: always run exactly ``segments`` forwards (an empty group scores one
+    discarded branch token), so that every rank of a sharded teacher runs the same collectives.
     """
     bsz, width = attention_mask.shape
     resp = trigger.shape[1]
@@ -270,7 +273,7 @@ def lookahead_max_prob(
         raise ValueError(f"the KV cache must hold the {width}-token prefill, got {got}")
     check_attention(model)
     r_raw = torch.zeros((bsz, resp, k), dtype=torch.float32, device=attention_mask.device)
-    if not bool(trigger.any()):
+    if not bool(trigger.any()) and not fixed_calls:
         return r_raw, 0
     decoder = _decoder_of(model)
     head = model.get_output_embeddings()
@@ -278,8 +281,11 @@ def lookahead_max_prob(
     dtype = torch.bool if _attention_of(model) == "sdpa" else head.weight.dtype
     calls = 0
     for group in split_positions(trigger, max(1, int(segments))):
-        if all(p.numel() == 0 for p in group):
+        dummy = all(p.numel() == 0 for p in group)
+        if dummy and not fixed_calls:
             continue
+        if dummy:  # one branch token of row 0 at its first position, scored and discarded
+            group = [torch.zeros(1, dtype=torch.long, device=trigger.device)] + list(group[1:])
         ids, pos_ids, mask, valid = tree_branch_inputs(
             group, candidate_ids, attention_mask, resp, dtype
         )
@@ -294,6 +300,8 @@ def lookahead_max_prob(
         calls += 1
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [B, M, H]
         probs = _max_prob(hidden[valid], head, chunk_size)  # [n_valid]
+        if dummy:
+            continue
         rows = torch.cat(
             [torch.full((p.numel() * k,), b, dtype=torch.long) for b, p in enumerate(group)]
         )

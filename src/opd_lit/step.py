@@ -60,6 +60,7 @@ class StepParts:
     teacher: TeacherModels  # frozen teacher (+ reference), loaded by the TeacherCallback
     needs: Needs  # what every consumer of the batch asks for, merged
     make_engine: Callable[[], Any]  # builds the rollout engine on first use (on the device)
+    segmenter: str = "structured"  # release.segmenter
     _engine: Any = None
     _segment_pool: ThreadPoolExecutor | None = None
     _segment_tokenizer: Any = None
@@ -70,7 +71,7 @@ class StepParts:
             self._engine = self.make_engine()
         return self._engine
 
-    def segmenter(self) -> tuple[ThreadPoolExecutor, Any]:
+    def segment_pool(self) -> tuple[ThreadPoolExecutor, Any]:
         """A one-thread pool for sentence segmentation and its own tokenizer copy (a fast
         tokenizer must not be used by two threads at once: "Already borrowed")."""
         if self._segment_pool is None:
@@ -204,12 +205,12 @@ def start_segments(parts: StepParts, batch: RolloutBatch) -> Future:
     sentence splitting, offsets); ``.result()`` is ``(segment_ids [B, T], seconds)``."""
     from opd_lit.release import segment_ids_batch
 
-    pool, tokenizer = parts.segmenter()
+    pool, tokenizer = parts.segment_pool()
     ids, mask = batch.response_ids.cpu(), batch.response_mask.cpu()
 
     def work() -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
-        return segment_ids_batch(tokenizer, ids, mask), time.perf_counter() - t0
+        return segment_ids_batch(tokenizer, ids, mask, segmenter=parts.segmenter), time.perf_counter() - t0
 
     return pool.submit(work)
 
@@ -464,11 +465,11 @@ def step_metrics(module, batch: RolloutBatch, sup: Supervision, result: UpdateRe
 
         for name, (num, den) in release_metric_sums(batch.release, mask).items():
             g.ratio(name, num, den)
-    if batch.segment_ids is not None:
-        from opd_lit.diagnostics.release_stats import segment_count_sums
+    if batch.segment_ids is not None:  # the segments-per-response distribution, global
+        from opd_lit.release import segment_count_stats
 
-        for name, (num, den) in segment_count_sums(batch.segment_ids, mask).items():
-            g.ratio(name, num, den)
+        counts = parallel.all_gather_rows(batch.segment_ids.amax(dim=1) + 1)  # [W·B]
+        g.values.update(segment_count_stats((counts - 1).unsqueeze(1)))
     for name, value in sup.stats.items():  # the method's own: averaged over ranks
         g.ratio(name, value, 1.0)
     # Stages: the slowest rank's time (the step waits for it); throughput from global tokens.

@@ -68,29 +68,27 @@ class TeacherModels:
             rows = slice(start, start + self.micro_batch_size)
             resp_ids, resp_mask = batch.response_ids[rows], batch.response_mask[rows]
             cand = None if gather is None else gather[rows]
-            # with a lookahead, keep the KV cache of this (single) teacher prefill
-            model = PrefillCapture(self.teacher) if look else self.teacher
-            s = forward_call(
-                model, score_tokens, t_ids[rows], t_mask[rows], resp_ids, resp_mask,
-                gather_ids=cand, chunk_size=self.chunk_size, return_hidden=needs.hidden,
-            )
+            if look:
+                trig = entropy_trigger(batch.student_entropy[rows], resp_mask, look.tau)
+                s, r_raw, n = forward_call(
+                    self.teacher, _score_and_look_ahead, t_ids[rows], t_mask[rows], resp_ids, resp_mask,
+                    cand, trig, batch.student_topk_ids[rows, :, : look.k], look.segments, self.chunk_size,
+                    needs.hidden,
+                )
+                calls += n
+                triggers.append(trig)
+                r_raws.append(r_raw)
+            else:
+                s = forward_call(
+                    self.teacher, score_tokens, t_ids[rows], t_mask[rows], resp_ids, resp_mask,
+                    gather_ids=cand, chunk_size=self.chunk_size, return_hidden=needs.hidden,
+                )
             calls += 1
             logps.append(s.logprobs)
             if needs.hidden:
                 hiddens.append(s.hidden)
             if cand is not None:
                 topks.append(s.topk_logprobs)
-            if look:
-                trig = entropy_trigger(batch.student_entropy[rows], resp_mask, look.tau)
-                r_raw, n = lookahead_max_prob(
-                    self.teacher, model.cache, t_mask[rows], trig,
-                    batch.student_topk_ids[rows, :, : look.k],
-                    segments=look.segments, chunk_size=self.chunk_size,
-                )
-                del model  # frees the KV cache
-                calls += n
-                triggers.append(trig)
-                r_raws.append(r_raw)
             if self.reference is not None:
                 r = forward_call(
                     self.reference, score_tokens, s_ids[rows], s_mask[rows], resp_ids, resp_mask,
@@ -118,6 +116,23 @@ class TeacherModels:
                 trigger=trigger, r_raw=torch.cat(r_raws), teacher_calls=calls,
                 branch_tokens=int(trigger.sum()) * look.k,
             )
+
+
+def _score_and_look_ahead(
+    teacher, ids, mask, resp_ids, resp_mask, cand, trigger, branch_ids, segments, chunk_size, hidden,
+):
+    """One micro-batch: the teacher prefill (its KV cache kept) and LGR's branch forwards over
+    it. Run as the teacher's forward (:func:`opd_lit.parallel.forward_call`); a sharded
+    teacher runs exactly ``segments`` branch forwards on every rank."""
+    capture = PrefillCapture(teacher)
+    s = score_tokens(
+        capture, ids, mask, resp_ids, resp_mask, gather_ids=cand, chunk_size=chunk_size, return_hidden=hidden,
+    )
+    r_raw, n = lookahead_max_prob(
+        teacher, capture.cache, mask, trigger, branch_ids, segments=segments, chunk_size=chunk_size,
+        fixed_calls=is_sharded(teacher),
+    )
+    return s, r_raw, n
 
 
 class TeacherCallback(L.Callback):
@@ -192,12 +207,6 @@ class TeacherCallback(L.Callback):
         if getattr(strategy, "shard_teacher", False) and not is_sharded(models.teacher):
             from opd_lit.parallel import shard_model
 
-            if pl_module.needs.lookahead:
-                raise ValueError(
-                    "trainer.strategy.shard_teacher=true cannot run method=lgr: the lookahead runs "
-                    "a data-dependent number of teacher forwards on each rank, which sharded "
-                    "parameters cannot follow (allowed: shard_teacher=false with lgr)"
-                )
             mesh = pl_module.device_mesh["data_parallel"]
             for name in ("teacher", "reference"):
                 model = getattr(models, name)

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd_lit.data import RolloutDataModule
 from opd_lit.diagnostics import diagnostics_callbacks
-from opd_lit.dist import is_launch_rank_zero
+from opd_lit.dist import broadcast_from_rank_zero, is_launch_rank_zero, join_external_group
 from opd_lit.eval.callback import EvalCallback
 from opd_lit.jobs import job_key  # noqa: F401 - registers the ${job_key:} resolver
 from opd_lit.progress import StageProgressBar
@@ -121,7 +122,7 @@ def build(cfg: DictConfig, out: Path, plan=None):
             for attr in ("at_start", "teacher_at_start"):
                 if isinstance(getattr(cb, attr, None), bool):
                     setattr(cb, attr, False)
-        log.info("resuming job %s at step %d from %s", key, info.step, info.path)
+        log.debug("resuming job %s at step %d from %s", key, info.step, info.path)
     callbacks.append(
         CheckpointCallback(store, every_n_steps=ckpt_cfg.get("every_n_steps", 0), resume=payload)
     )
@@ -136,15 +137,16 @@ def build(cfg: DictConfig, out: Path, plan=None):
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration; returns a summary (also what the multirun sweeper sees).
 
-    Global rank 0 owns the job's side effects: it holds the job's lock (a second run of the
-    job is refused naming this one), refuses a ``checkpoint.dir`` or output directory holding
-    another job's work, gives stale MLflow runs their final status, and moves or deletes this
-    job's own checkpoints. The other ranks of a multi-process job only read. However the run
-    ends, its MLflow run gets a final status with the cause in the tag ``error``.
+    Global rank 0 owns the job's side effects (:func:`take_the_job`): it holds the job's lock
+    (a second run of the job is refused naming this one), refuses a ``checkpoint.dir`` or
+    output directory holding another job's work, gives stale MLflow runs their final status,
+    and moves or deletes this job's own checkpoints. The other ranks of a multi-process job
+    only read, and take rank 0's decision. However the run ends, its MLflow run gets a final
+    status with the cause in the tag ``error``.
     """
     if cfg.get("dry_run"):
         return dry_run(cfg)
-    from opd_lit.locks import JobLock, describe_owner
+    from opd_lit.locks import JobLock
     from opd_lit.validate import validate_config
 
     # 1. Bad input fails here, before anything is written or loaded: config values, prompt
@@ -152,66 +154,101 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg)
     key = job_key(cfg)
     ckpt_dir = (cfg.get("checkpoint") or {}).get("dir") or f"checkpoints/{key}"
-    lock = None
-    if is_launch_rank_zero():
-        # 2. One owner per job: a second run of it stops here, naming the running one.
-        lock = JobLock(ckpt_dir)
-        uri = tracking_uri(cfg.logger.get("tracking_uri")) if cfg.logger.kind == "mlflow" else None
-        previous = lock.acquire({"job_key": key, "checkpoint_dir": str(Path(ckpt_dir).resolve()),
-                                 "tracking_uri": uri})
-        if previous:
-            print(f"[opd_lit] took over the stale lock {lock.path} of job {previous.get('job_key')}: "
-                  f"{describe_owner(previous)} is no longer running", flush=True)
+    external = join_external_group()  # torchrun / SLURM started every rank: plan on rank 0 alone
+    lock = JobLock(ckpt_dir) if is_launch_rank_zero() else None
     term = _TermAsExit()
     term.install()
     try:
-        return _run_job(cfg, key, ckpt_dir, lock, term)
+        # 2. One owner per job; skip, resume or run it.
+        plan, marker = _plan_the_job(cfg, key, ckpt_dir, lock, external)
+        if plan.action == "skip":
+            return plan.summary
+        return _run_job(cfg, key, lock, term, plan, marker)
     finally:
         term.restore()
         if lock is not None:
             lock.release()
 
 
-def _run_job(cfg: DictConfig, key: str, ckpt_dir: str, lock, term: "_TermAsExit") -> dict[str, Any]:
+class RankZeroError(RuntimeError):
+    """Rank 0 stopped the job before training (a rank other than 0 reports why)."""
+
+
+def _plan_the_job(cfg: DictConfig, key: str, ckpt_dir: str, lock, external: bool):
+    """``(plan, output marker)``: rank 0 takes the job (:func:`take_the_job`); the ranks
+    Lightning's launcher starts read its plan from the environment, ranks started by
+    torchrun / SLURM receive it (or rank 0's error) by broadcast."""
+    from opd_lit.jobs import plan_job
+
+    if not external:
+        if lock is not None:
+            return take_the_job(cfg, key, ckpt_dir, lock)
+        return plan_from_env(cfg, key) or plan_job(cfg, key), None
+    mine: dict[str, Any] = {}
+
+    def lead():
+        try:
+            mine["plan"], mine["marker"] = take_the_job(cfg, key, ckpt_dir, lock)
+        except BaseException as e:  # noqa: BLE001 - re-raised below; the other ranks get its text
+            mine["error"] = e
+            return "error", f"{type(e).__name__}: {e}"
+        return "plan", replace(mine["plan"], runs={})
+
+    kind, value = broadcast_from_rank_zero(lead)  # rank 0 has acted on the plan from here on
+    if "error" in mine:
+        raise mine["error"]
+    if kind == "error":
+        raise RankZeroError(f"rank 0 stopped the job: {value}")
+    return (mine["plan"], mine["marker"]) if lock is not None else (value, None)
+
+
+def take_the_job(cfg: DictConfig, key: str, ckpt_dir: str, lock):
+    """Rank 0: lock the job, refuse what belongs to another, decide, and act on the decision.
+
+    Returns ``(plan, output marker)``; the marker is None when the job is skipped.
+    """
     from opd_lit.checkpoint import CheckpointStore
     from opd_lit.jobs import (
         check_checkpoint_dir,
         claim_output_dir,
-        end_own_runs,
         job_config,
         plan_job,
-        release_checkpoint_dir,
         settle_stale_runs,
-        update_output_marker,
         write_job_file,
     )
+    from opd_lit.locks import describe_owner
+
+    mlflow = cfg.logger.kind == "mlflow"
+    uri = tracking_uri(cfg.logger.get("tracking_uri")) if mlflow else None
+    # a second run of this job stops here, naming the running one
+    previous = lock.acquire({"job_key": key, "checkpoint_dir": str(Path(ckpt_dir).resolve()), "tracking_uri": uri})
+    if previous:
+        print(f"[opd_lit] took over the stale lock {lock.path} of job {previous.get('job_key')}: "
+              f"{describe_owner(previous)} is no longer running", flush=True)
+    store = CheckpointStore(ckpt_dir, key)
+    config = job_config(cfg)
+    check_checkpoint_dir(store, key, config)  # another job's checkpoints here: refused, keys named
+    plan = plan_job(cfg, key)  # MLflow runs tagged with its key, its checkpoints
+    print(f"[opd_lit] {plan.reason}", flush=True)
+    if plan.action == "skip":
+        return plan, None
+    if mlflow:  # a live owner of this job elsewhere: refused; dead runs get their final status
+        settle_stale_runs(uri, plan, ckpt_dir)
+    marker = claim_output_dir(output_dir(cfg), key, config, plan.run_id, uri)
+    if plan.action == "run":
+        _clear_or_set_aside(cfg, store, plan, uri)
+    write_job_file(store, key, config)
+    return plan, marker
+
+
+def _run_job(cfg: DictConfig, key: str, lock, term: "_TermAsExit", plan, marker) -> dict[str, Any]:
+    from opd_lit.jobs import end_own_runs, release_checkpoint_dir, update_output_marker
     from opd_lit.tracking import describe_exception
 
     rank0 = lock is not None
     mlflow = cfg.logger.kind == "mlflow"
     uri = tracking_uri(cfg.logger.get("tracking_uri")) if mlflow else None
-    store = CheckpointStore(ckpt_dir, key)
-    config = job_config(cfg)
-    if rank0:  # another job's checkpoints in this checkpoint.dir: refuse, naming the keys that differ
-        check_checkpoint_dir(store, key, config)
-    # 3. Skip, resume or run this job (MLflow runs tagged with its key, its checkpoints). The
-    #    ranks Lightning's launcher starts take rank 0's decision: it has already acted on it.
-    plan = plan_from_env(cfg, key) if not rank0 else None
-    if plan is None:
-        plan = plan_job(cfg, key)
-    if rank0:
-        print(f"[opd_lit] {plan.reason}", flush=True)
-    if plan.action == "skip":
-        return plan.summary
     out = output_dir(cfg)
-    if rank0:
-        if mlflow:  # a live owner of this job elsewhere: refused; dead runs get their final status
-            settle_stale_runs(uri, plan, ckpt_dir)
-        marker = claim_output_dir(out, key, config, plan.run_id, uri)
-        if plan.action == "run":
-            _clear_or_set_aside(cfg, store, plan, uri)
-        write_job_file(store, key, config)
-
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t0 = time.perf_counter()
     logger = None
@@ -493,7 +530,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 # Errors that are the user's input or a run's state, not a bug: printed as their message alone
 # (one line per problem), without a traceback unless HYDRA_FULL_ERROR=1.
-USER_ERRORS = ("ConfigError", "JobConflictError", "JobLockedError", "ResumeError", "TrackingStoreError",
+USER_ERRORS = ("ConfigError", "RankZeroError", "JobConflictError", "JobLockedError", "ResumeError", "TrackingStoreError",
                "TrackingUnreachableError", "DataConfigError", "ModelPathError", "NonFiniteError",
                "DivergenceError", "CheckpointError", "ToyAssetError", "VLLMUnavailable")
 
@@ -517,6 +554,7 @@ def user_error_message(exc: BaseException) -> str | None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_logs()
     launcher_env = {k: os.environ.get(k) for k in LAUNCH_ENV}
     try:
         return run(cfg)
@@ -537,6 +575,24 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         raise RunError(message) from None
     finally:
         end_process_group(launcher_env)
+
+
+def quiet_logs() -> None:
+    """One line per event that matters: progress lives in the rich bar, results in the summary
+    table, details at DEBUG (``hydra.verbose=opd_lit`` shows them). Libraries speak at WARNING
+    (Lightning's device banner and tips, MLflow's store messages, transformers' loading bars),
+    and ranks other than 0 only at WARNING."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+    for name in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+    if not is_launch_rank_zero():
+        logging.getLogger("opd_lit").setLevel(logging.WARNING)
 
 
 # What Lightning's launcher writes into the environment of the process that starts the ranks;

@@ -128,16 +128,3 @@ def release_metric_sums(release, mask: Tensor) -> dict[str, tuple[float, float]]
         "release/release_pos_frac": (float(pos.sum()), n),
     }
 
-
-def segment_count_sums(segment_ids: Tensor, mask: Tensor) -> dict[str, tuple[float, float]]:
-    """Segments per non-empty response, as ``{name: (numerator, denominator)}``:
-    ``segments/per_response_mean`` and ``segments/two_or_fewer_frac`` (responses with at most
-    two segments, where the BIC test has almost nothing to compare)."""
-    lengths = (mask > 0).sum(-1)  # [B]
-    nonempty = lengths > 0
-    counts = (segment_ids.max(dim=-1).values + 1).clamp(min=0)[nonempty].float()  # [B']
-    n = float(nonempty.sum())
-    return {
-        "segments/per_response_mean": (float(counts.sum()), n),
-        "segments/two_or_fewer_frac": (float((counts <= 2).sum()), n),
-    }

@@ -76,7 +76,7 @@ class EvalCallback(L.Callback):
         self._save(trainer, result, f"step{step:06d}")
         headline = result.headline()
         self.history.append({"step": step, **headline})
-        log.info("step %d: %s (%.1fs)", step, headline, time.perf_counter() - t0)
+        log.debug("step %d: %s (%.1fs)", step, headline, time.perf_counter() - t0)
         return metrics
 
     def _teacher(self, trainer, pl_module) -> dict[str, float] | None:
@@ -100,7 +100,7 @@ class EvalCallback(L.Callback):
         log_metrics(trainer, metrics, trainer.global_step)
         self._save(trainer, result, "teacher")
         self.history.append({"step": trainer.global_step, **metrics})
-        log.info("teacher: %s", metrics)
+        log.debug("teacher: %s", metrics)
         return metrics
 
     def _save(self, trainer, result: EvalResult, tag: str) -> None:

@@ -12,7 +12,8 @@ are correct (avg@n; pass@1 averaged over samples for code). Metrics:
 - ``eval/<benchmark>/score`` (and ``eval/<benchmark>/<alias>`` when the benchmark has an
   alias: the toy logs ``eval/toy/accuracy``), ``eval/<benchmark>/extracted_frac``,
   ``eval/<benchmark>/truncated_frac``, ``eval/<benchmark>/response_len_mean``,
-  ``eval/<benchmark>/problems_per_s``;
+  ``eval/<benchmark>/problems_per_s``; code benchmarks ``eval/<benchmark>/isolation``
+  (1 = their programs ran in the jail, 0 = without it);
 - the teacher (``teacher_at_start``): ``eval/<benchmark>/teacher_score`` (and
   ``teacher_<alias>``);
 - groups (``averages``): ``eval/<group>`` is the plain mean of its members' scores
@@ -37,9 +38,10 @@ from opd_lit.eval.benchmarks import (
     Problem,
     RowError,
     load_benchmark,
+    registry,
 )
 from opd_lit.eval.graders import Grade
-from opd_lit.eval.sandbox import SandboxLimits
+from opd_lit.eval.sandbox import Isolation, Sandbox, SandboxLimits
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class EvalSettings:
     temperature: float | None = None  # override every benchmark's temperature
     top_p: float | None = None  # override every benchmark's top_p
     skip_bad_rows: bool = False  # malformed rows: skip (with a warning) instead of failing
+    allow_unsandboxed: bool = False  # run generated programs even where the jail is missing
     save_samples: bool = True  # log the per-sample JSONL as an artifact
     batch_sequences: int = 256  # at most this many sequences (prompts x samples) per generate call
     averages: dict[str, list[str]] = field(default_factory=dict)
@@ -153,6 +156,7 @@ class BenchmarkResult:
     seconds: float
     records: list[SampleRecord]
     missing_problems: int = 0
+    isolation: Isolation | None = None  # code benchmarks: how their programs ran
 
     @property
     def problems_per_s(self) -> float:
@@ -189,6 +193,8 @@ class EvalResult:
                     out[f"eval/{name}/response_len_mean"] = r.response_len_mean
                 if r.seconds > 0:
                     out[f"eval/{name}/problems_per_s"] = r.problems_per_s
+                if r.isolation is not None:
+                    out[f"eval/{name}/isolation"] = r.isolation.level
         for group, value in self.averages.items():
             out[f"eval/teacher_{group}" if teacher else f"eval/{group}"] = value
         return out
@@ -202,6 +208,17 @@ class EvalResult:
 
 # ---- the evaluator ------------------------------------------------------------------------
 
+# Key names a responses file may use (the first present wins).
+RESPONSE_KEYS = ("response", "completion", "generation", "output", "model_output", "prediction", "text")
+ID_KEYS = ("id", "question_id", "task_id", "unique_id", "problem_idx", "idx", "qid", "Record ID")
+BENCHMARK_KEYS = ("benchmark", "dataset", "benchmark_name")
+SAMPLE_KEYS = ("sample", "sample_idx", "sample_index", "sample_id")
+
+
+def _first(rec: dict, keys) -> Any:
+    return next((rec[k] for k in keys if rec.get(k) is not None), None)
+
+
 class Evaluator:
     """Loads the selected benchmarks once; evaluates a model, or re-grades saved responses."""
 
@@ -211,11 +228,16 @@ class Evaluator:
         self.config = config
         self.settings = config.settings
         self.benchmarks: dict[str, Benchmark] = {}
+        # Programs run only in the jail, unless eval.allow_unsandboxed (decided once, here:
+        # a refusal fails before any model is loaded).
+        self.sandbox: Sandbox | None = None
+        if any(spec.grader == "code" for spec in config.selected):
+            self.sandbox = Sandbox(self.settings.sandbox, allow_unsandboxed=self.settings.allow_unsandboxed)
         for spec in config.selected:
             self.benchmarks[spec.name] = load_benchmark(
                 spec, limit=self.settings.num_problems, skip_bad_rows=self.settings.skip_bad_rows
             )
-            log.info("benchmark %s: %d problems", spec.name, len(self.benchmarks[spec.name].problems))
+            log.debug("benchmark %s: %d problems", spec.name, len(self.benchmarks[spec.name].problems))
 
     # -- sampling settings, with the global overrides --
     def samples(self, spec: BenchmarkSpec) -> int:
@@ -281,14 +303,19 @@ class Evaluator:
                 if on_progress is not None:
                     on_progress(name, done, len(units))
             results[name] = self._grade(bench, rows, t0)
-            log.info("%s: score %.4f (%d problems x %d samples, %.1fs)", name, results[name].score,
+            log.debug("%s: score %.4f (%d problems x %d samples, %.1fs)", name, results[name].score,
                      results[name].num_problems, n, results[name].seconds)
         return self._result(results, time.perf_counter() - t_all)
 
     # -- re-grading --
     def regrade(self, path: str | Path) -> EvalResult:
-        """Grade saved responses: the per-sample JSONL evaluation writes, or a minimal one with
-        the problem id (``problem_id`` or the benchmark's own id field) and ``response``."""
+        """Grade saved responses: the per-sample JSONL evaluation writes, or any JSONL with a
+        problem id and a response per line, under the usual key names (``RESPONSE_KEYS``,
+        ``ID_KEYS`` or the benchmark's own id field, ``BENCHMARK_KEYS``, ``SAMPLE_KEYS``).
+
+        A line's benchmark is named by its name or its title (case-insensitive); a benchmark
+        of the registry that is not selected is skipped (logged); a name that is no benchmark
+        at all is an error (the scores would silently change)."""
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"responses={str(path)!r}: no such file")
@@ -296,7 +323,9 @@ class Evaluator:
         by_bench: dict[str, list[tuple[Problem, int, str, int | None, bool | None]]] = defaultdict(list)
         counters: dict[tuple[str, str], int] = defaultdict(int)
         bad: list[tuple[int, str]] = []
-        ignored = 0
+        unknown: dict[str, list[int]] = defaultdict(list)
+        skipped: dict[str, int] = defaultdict(int)
+        names = self._benchmark_names()
         single = next(iter(self.benchmarks)) if len(self.benchmarks) == 1 else None
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
@@ -306,35 +335,47 @@ class Evaluator:
                     rec = json.loads(line.decode("utf-8"))
                     if not isinstance(rec, dict):
                         raise RowError("expected a JSON object")
-                    name = rec.get("benchmark") or single
-                    if name is None:
+                    given = _first(rec, BENCHMARK_KEYS)
+                    if given is None and single is None:
                         raise RowError(
-                            f"no 'benchmark' field, and {len(self.benchmarks)} benchmarks are selected "
-                            f"({list(self.benchmarks)})"
+                            f"no benchmark field ({'/'.join(BENCHMARK_KEYS)}), and "
+                            f"{len(self.benchmarks)} benchmarks are selected ({list(self.benchmarks)})"
                         )
+                    name = single if given is None else names.get(str(given).strip().casefold(), "")
+                    if name == "":
+                        unknown[str(given)].append(lineno)
+                        continue
                     if name not in self.benchmarks:
-                        ignored += 1
+                        skipped[name] += 1
                         continue
                     bench = self.benchmarks[name]
                     id_field = bench.spec.fields.get("id")
-                    pid = rec.get("problem_id", rec.get(id_field) if id_field else None)
+                    keys = ("problem_id", *([id_field] if id_field else []), *ID_KEYS)
+                    pid = _first(rec, keys)
                     if pid is None:
-                        raise RowError(f"no problem id ('problem_id'{' or ' + repr(id_field) if id_field else ''})")
+                        raise RowError(f"no problem id (one of {list(dict.fromkeys(keys))})")
+                    if isinstance(pid, float) and pid.is_integer():
+                        pid = int(pid)
                     problem = bench.problem(str(pid))
                     if problem is None:
                         raise RowError(f"unknown {name} problem id {pid!r}")
-                    response = rec.get("response")
+                    response = _first(rec, RESPONSE_KEYS)
                     if not isinstance(response, str):
-                        raise RowError("no 'response' text")
-                    if rec.get("sample") is not None:
-                        sample = int(rec["sample"])
-                    else:
-                        sample = counters[(name, problem.id)]
+                        raise RowError(f"no response text (one of {list(RESPONSE_KEYS)})")
+                    sample = _first(rec, SAMPLE_KEYS)
+                    sample = counters[(name, problem.id)] if sample is None else int(sample)
                     counters[(name, problem.id)] += 1
-                    rows = by_bench[name]
-                    rows.append((problem, sample, response, rec.get("response_tokens"), rec.get("truncated")))
-                except (ValueError, RowError) as e:
+                    by_bench[name].append(
+                        (problem, sample, response, rec.get("response_tokens"), rec.get("truncated")))
+                except (ValueError, TypeError, RowError) as e:
                     bad.append((lineno, str(e)))
+        if unknown:
+            shown = "; ".join(f"{n!r} (line{'s' if len(v) > 1 else ''} {', '.join(map(str, v[:5]))}"
+                              f"{', ...' if len(v) > 5 else ''})" for n, v in unknown.items())
+            raise BenchmarkDataError(
+                f"responses={str(path)!r}: unknown benchmark(s) {shown}; benchmarks are named by "
+                f"their name or title: {sorted(set(names.values()))}"
+            )
         if bad:
             shown = "; ".join(f"line {n}: {why}" for n, why in bad[:20])
             more = f"; and {len(bad) - 20} more" if len(bad) > 20 else ""
@@ -342,8 +383,8 @@ class Evaluator:
             if not self.settings.skip_bad_rows:
                 raise BenchmarkDataError(message + " Set eval.skip_bad_rows=true to skip them.")
             log.warning("%s Skipped.", message)
-        if ignored:
-            log.info("responses: %d lines belong to benchmarks not selected here; ignored", ignored)
+        if skipped:
+            log.warning("responses: lines of benchmarks not selected here, skipped: %s", dict(skipped))
         if not by_bench:
             raise BenchmarkDataError(
                 f"responses={str(path)!r}: no responses for the selected benchmarks {list(self.benchmarks)}"
@@ -353,23 +394,36 @@ class Evaluator:
             results[name] = self._grade(self.benchmarks[name], rows, time.perf_counter(), timed=False)
         return self._result(results, time.perf_counter() - t_all)
 
+    def _benchmark_names(self) -> dict[str, str]:
+        """casefolded name or title -> benchmark name: the registry's, then this config's."""
+        out: dict[str, str] = {}
+        for name, title in [*registry().items(),
+                            *((n, s.title) for n, s in self.config.specs.items())]:
+            out[name.casefold()] = name
+            if title:
+                out.setdefault(str(title).casefold(), name)
+        for name, spec in self.config.specs.items():  # a selected benchmark wins a shared title
+            if name in self.benchmarks and spec.title:
+                out[str(spec.title).casefold()] = name
+        return out
+
     # -- grading and scoring --
     def _grade(self, bench: Benchmark, rows, t0: float, timed: bool = True) -> BenchmarkResult:
-        sandbox = self.settings.sandbox
+        sandbox = self.sandbox if bench.spec.grader == "code" else None
 
         def one(row) -> Grade:
-            problem, sample, response, _, _ = row
+            problem, sample, response, _, cut = row
             try:
-                return bench.grade(problem, sample, response, sandbox)
+                return bench.grade(problem, sample, response, sandbox, truncated=cut)
             except Exception as e:  # noqa: BLE001 - a grader crash is a wrong answer, logged
                 log.warning("%s/%s sample %d: grader error %r", bench.name, problem.id, sample, e)
                 return Grade(False, None, f"grader error: {type(e).__name__}: {e}")
 
-        if bench.spec.grader == "code" and sandbox.workers > 1 and len(rows) > 1:
-            with ThreadPoolExecutor(max_workers=sandbox.workers) as pool:
+        workers = self.settings.sandbox.workers
+        if sandbox is not None and workers > 1 and len(rows) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
                 grades = list(pool.map(one, rows))
         else:
-            # math-verify's timeout uses SIGALRM, which needs the main thread.
             grades = [one(r) for r in rows]
         records = [
             SampleRecord(
@@ -403,6 +457,7 @@ class Evaluator:
             seconds=seconds,
             records=records,
             missing_problems=missing,
+            isolation=sandbox.isolation if sandbox is not None else None,
         )
 
     def _result(self, results: dict[str, BenchmarkResult], seconds: float) -> EvalResult:

@@ -86,6 +86,7 @@ class ReleaseSpec:
     top_k: int = 8  # student support size for the teacher margin
     signal: str = "margin"  # margin | adv_std
     diagnose: bool = True  # compute release statistics for every method (metrics)
+    segmenter: str = "structured"  # structured (lines, sentences, display math) | punkt
 
 
 SIGNALS = ("margin", "adv_std")
@@ -144,6 +145,9 @@ class DistillModule(L.LightningModule):
 
     def _check_specs(self) -> None:
         rel, loss, opt = self.release_spec, self.loss_spec, self.optim_spec
+        from opd_lit.release import check_segmenter
+
+        check_segmenter(rel.segmenter)
         if rel.signal not in SIGNALS:
             raise ValueError(f"release.signal={rel.signal!r} is not one of {list(SIGNALS)}")
         if rel.top_k < 2:
@@ -237,7 +241,10 @@ class DistillModule(L.LightningModule):
         def make_engine():
             return build_engine(dm.spec.engine, self.student, **dm.engine_options())
 
-        self.parts = StepParts(data=dm, teacher=teacher_cb.models, needs=needs, make_engine=make_engine)
+        self.parts = StepParts(
+            data=dm, teacher=teacher_cb.models, needs=needs, make_engine=make_engine,
+            segmenter=self.release_spec.segmenter,
+        )
 
     def configure_model(self) -> None:
         """``trainer=fsdp``: shard the student (FSDP2, per decoder layer and root)."""

@@ -23,6 +23,7 @@ import torch
 
 from opd_lit.methods.base import DistillModule, Supervision
 from opd_lit.methods.functional import PERMUTE_MODES, derive_seed, permute_release_points
+from opd_lit.parallel import all_gather_rows, local_rows
 from opd_lit.release import apply_release_tokens
 
 
@@ -70,9 +71,12 @@ class ReleaseRandom(DistillModule):
         release = self.release_decision(batch, advantage)
         mask = batch.response_mask
         lengths = mask.sum(-1).long()  # [B]
-        moved = permute_release_points(
-            release.release_token, lengths, self.generator(), self.permute, self.stratum_size
-        )  # [B], length where nothing is released
+        # Across the global batch: every rank gathers all ranks' release points and lengths
+        # ([W·B]), applies the same seeded permutation, and keeps its own rows.
+        moved = local_rows(permute_release_points(
+            all_gather_rows(release.release_token.long()), all_gather_rows(lengths),
+            self.generator(), self.permute, self.stratum_size,
+        ))  # [B], length where nothing is released
         weight, _, _ = apply_release_tokens(mask, moved)  # [B, T]
         nonempty = lengths > 0
         stats = {}
