@@ -51,7 +51,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny
     victim = start(tmp_path, main_dir, args, delay=0.4)
 
     def ckpts():
-        dirs = list((main_dir / "checkpoints").glob("*"))
+        dirs = [d for d in (main_dir / "checkpoints").glob("*") if d.is_dir()]  # not the job's .lock file
         return checkpoint_steps(dirs[0]) if dirs else []
 
     assert wait_for(lambda: any(s >= 3 for s in ckpts()), 600, victim), output(victim)[-3000:]
