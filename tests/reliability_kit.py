@@ -184,3 +184,31 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
     return make_tiny_pair(tmp_path_factory.mktemp("tiny_pair"))
+
+
+# ---- read-only files and directories ----------------------------------------------------------
+
+from contextlib import contextmanager  # noqa: E402
+
+
+@contextmanager
+def read_only(*paths: Path):
+    """Make ``paths`` read-only for this process, also as root (where permission bits do not
+    bind): the write bits are cleared, and as root the immutable flag is set (``chattr +i``;
+    ext4 and most local file systems). Restored on exit. Skips the test as root on a file
+    system without the flag, where nothing can make a path read-only for root."""
+    modes = {p: p.stat().st_mode for p in paths}
+    immutable = []
+    try:
+        for p in paths:
+            p.chmod(modes[p] & ~0o222)
+            if os.geteuid() == 0:
+                if subprocess.run(["chattr", "+i", str(p)], capture_output=True).returncode != 0:
+                    pytest.skip("running as root on a file system without chattr +i: nothing is read-only for root")
+                immutable.append(p)
+        yield
+    finally:
+        for p in immutable:
+            subprocess.run(["chattr", "-i", str(p)], capture_output=True)
+        for p, mode in modes.items():
+            p.chmod(mode)

@@ -26,7 +26,8 @@ def test_training_logs_the_diagnostics_and_diagnose_redraws_them(tmp_path, capsy
 
     common = ("trainer.max_steps=2", "diagnostics.every_n_steps=1", "eval.at_start=false")
     run(compose_cfg(tmp_path, "method=release_bic", *common))
-    run(compose_cfg(tmp_path, "method=opd", "release.diagnose=false", *common))
+    run(compose_cfg(tmp_path, "method=opd", "release.diagnose=false", *common,
+                    f"output_dir={tmp_path / 'run-opd'}"))  # each job its own output directory
     client, runs = mlflow_runs(tmp_path / "mlflow.db")
     by_method = {r.data.tags["method"]: r.info.run_id for r in runs}
 

@@ -51,7 +51,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny
     victim = start(tmp_path, main_dir, args, delay=0.4)
 
     def ckpts():
-        dirs = list((main_dir / "checkpoints").glob("*"))
+        dirs = [d for d in (main_dir / "checkpoints").glob("*") if d.is_dir()]  # not the job's .lock file
         return checkpoint_steps(dirs[0]) if dirs else []
 
     assert wait_for(lambda: any(s >= 3 for s in ckpts()), 600, victim), output(victim)[-3000:]
@@ -130,38 +130,34 @@ def test_ctrl_c_checkpoints_marks_killed_and_exits_cleanly_then_resumes(tmp_path
 @pytest.fixture
 def faults(monkeypatch):
     """Inject NaN teacher log-probs / empty responses at chosen steps; record the weights."""
-    import opd_lit.step as step_module
+    import opd_lit.step as step
     from opd_lit.rollout.base import Generation
     from opd_lit.rollout.hf import HFEngine
     from opd_lit.teacher import TeacherModels
 
-    state = {"nan_steps": set(), "empty_all": set(), "empty_half": set(), "weights": {}, "calls": 0,
-             "scored": 0}
-    orig_score = TeacherModels.score
-    orig_update = step_module.update_student
-    orig_generate = HFEngine.generate
+    state = {"nan_steps": set(), "empty_all": set(), "empty_half": set(), "weights": {}, "step": None}
+    orig_step, orig_score, orig_generate = step.run_step, TeacherModels.score, HFEngine.generate
 
-    def score(self, batch, needs):  # the step's teacher stage, once per step
-        step, state["scored"] = state["scored"], state["scored"] + 1
+    def run_step(module, records):
+        state["step"] = s = module.trainer.global_step
+        state["weights"][s] = [p.detach().clone() for p in module.student.parameters()]
+        return orig_step(module, records)
+
+    def score(self, batch, needs):
         orig_score(self, batch, needs)
-        if step in state["nan_steps"]:
+        if state["step"] in state["nan_steps"]:
             batch.teacher_logprobs = torch.full_like(batch.teacher_logprobs, float("nan"))
-
-    def update_student(module, batch, sup):
-        state["weights"][module.global_step] = [p.detach().clone() for p in module.student.parameters()]
-        return orig_update(module, batch, sup)
 
     def generate(self, prompts, n, params):
         gen = orig_generate(self, prompts, n, params)
-        step, state["calls"] = state["calls"], state["calls"] + 1
-        if step in state["empty_all"]:
+        if state["step"] in state["empty_all"]:
             return Generation(response_ids=[[] for _ in gen.response_ids])
-        if step in state["empty_half"]:
+        if state["step"] in state["empty_half"]:
             return Generation(response_ids=[r if i % 2 else [] for i, r in enumerate(gen.response_ids)])
         return gen
 
+    monkeypatch.setattr(step, "run_step", run_step)
     monkeypatch.setattr(TeacherModels, "score", score)
-    monkeypatch.setattr(step_module, "update_student", update_student)
     monkeypatch.setattr(HFEngine, "generate", generate)
     return state
 
@@ -202,7 +198,7 @@ def test_nan_step_is_skipped_empty_responses_are_finite_and_a_full_disk_keeps_tr
     w = faults["weights"]
     assert not same(w[0], w[1])  # step 0 trained
     assert same(w[1], w[2])  # step 1 (NaN advantage) skipped: weights unchanged
-    assert same(w[2], w[3])  # step 2 (all responses empty): nothing to learn, nothing broken
+    # step 2 (all responses empty): nothing to learn, nothing broken (its weights: the test below)
     assert not same(w[3], w[4])  # step 3 (half empty) trained
 
     db = tmp_path / "mlflow.db"
@@ -224,6 +220,18 @@ def test_nan_step_is_skipped_empty_responses_are_finite_and_a_full_disk_keeps_tr
     assert any("could not be written (the disk is full)" in r.getMessage() for r in caplog.records)
     _, runs = mlflow_run(db)
     assert runs[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_step_whose_responses_are_all_empty_changes_no_weight(tmp_path, tiny_pair, faults):  # noqa: F811
+    from opd_lit.train import run
+
+    faults["empty_all"] = {1}
+    cfg = compose_cfg(tmp_path, *pair_overrides(*tiny_pair), "trainer.max_steps=3", "rollout.max_new_tokens=6",
+                      "checkpoint.every_n_steps=0", "method=opd", "release.diagnose=false")
+    assert run(cfg)["steps"] == 3
+    w = faults["weights"]
+    assert not same(w[0], w[1]) and same(w[1], w[2])
 
 
 @pytest.mark.slow
@@ -283,3 +291,47 @@ def test_crash_after_a_checkpoint_with_the_newest_corrupted_resumes_from_the_one
     _, runs = mlflow_run(db)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert sorted(step_metrics(db, "train/loss")) == [0, 1, 2, 3, 4]
+
+
+# ---- one owner per job, end to end ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_same_job_started_twice_at_once_runs_once_and_the_second_names_the_first(tmp_path, tiny_pair):  # noqa: F811
+    db = tmp_path / "mlflow.db"
+    ckpt = tmp_path / "ck"
+    args = [*pair_overrides(*tiny_pair), "trainer.max_steps=3", "rollout.max_new_tokens=8", "method=opd",
+            f"checkpoint.dir={ckpt}", f"logger.tracking_uri=sqlite:///{db}", "hydra.run.dir=out"]
+    mlflow_run(db)  # create the tables once, before two processes open the store
+    a = start(tmp_path, tmp_path / "a", args, delay=0.5)
+    b = start(tmp_path, tmp_path / "b", args, delay=0.5)
+    codes = sorted([(a.wait(600), a), (b.wait(600), b)], key=lambda x: x[0])
+    (ok, winner), (refused, loser) = codes
+    assert (ok, refused) == (0, 1), (output(a)[-2000:], output(b)[-2000:])
+    msg = output(loser)
+    assert f"JobLockedError: checkpoint.dir='{ckpt}' is in use by job" in msg, msg[-2000:]
+    assert f"pid {winner.pid} on host" in msg and "Traceback" not in msg
+    _, runs = mlflow_run(db)
+    assert [r.info.status for r in runs] == ["FINISHED"]  # one run of the job, not two
+    assert runs[0].data.tags["owner"].startswith(f"{winner.pid}@")
+
+
+@pytest.mark.slow
+def test_a_second_job_in_the_same_output_dir_is_refused_and_the_first_export_kept(tmp_path, tiny_pair):  # noqa: F811
+    from opd_lit.locks import JobConflictError
+    from opd_lit.settings import sha256_file
+    from opd_lit.train import run
+
+    common = [*pair_overrides(*tiny_pair), "trainer.max_steps=1", "rollout.max_new_tokens=6",
+              "export.final_model=true", "method=opd"]
+    first = run(compose_cfg(tmp_path, *common))  # output_dir is tmp_path/run for both
+    exported = Path(first["final_model"])
+    hashes = {p.name: sha256_file(p) for p in exported.iterdir()}
+    with pytest.raises(JobConflictError) as err:
+        run(compose_cfg(tmp_path, *common, "seed=1"))
+    msg = str(err.value)
+    assert f"holds the outputs of another job, {first['job_key']} (MLflow run {first['mlflow_run_id']}, FINISHED" in msg
+    assert "seed: 0 -> 1" in msg
+    assert {p.name: sha256_file(p) for p in exported.iterdir()} == hashes
+    _, runs = mlflow_run(tmp_path / "mlflow.db")
+    assert len(runs) == 1 and runs[0].data.tags["final_model_dir"] == str(exported.resolve())

@@ -216,14 +216,14 @@ def closed_port() -> int:
 
 def test_unreachable_tracking_server_is_a_clear_error_before_any_model(tmp_path, monkeypatch):
     import opd_lit.models as models
-    from opd_lit.tracking import TrackingUnreachableError
     from opd_lit.train import run
+    from opd_lit.validate import ConfigError
 
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("loaded a model"))
     uri = f"http://127.0.0.1:{closed_port()}"
     cfg = compose_cfg(tmp_path, f"logger.tracking_uri={uri}")
     t0 = time.monotonic()
-    with pytest.raises(TrackingUnreachableError) as err:
+    with pytest.raises(ConfigError) as err:  # the tracking_store check of the validation
         run(cfg)
     assert time.monotonic() - t0 < 10
     assert uri in str(err.value) and "unreachable" in str(err.value)
@@ -316,9 +316,12 @@ def test_checkpoints_of_an_unknown_run_are_set_aside_not_deleted(tmp_path, monke
     CheckpointStore(tmp_path / "ck", job_key(cfg)).save(2, payload(2), run_id="a-run-of-another-store")
     with pytest.raises(Built):
         train.run(cfg)
-    assert not (tmp_path / "ck").exists()
+    assert not list((tmp_path / "ck").glob("step-*"))  # only the new attempt's job.json is there
     (moved,) = tmp_path.glob("ck.orphan-*")
     assert CheckpointStore(moved, job_key(cfg)).latest().step == 2
+    # the printed advice works: the same command with resume=true checkpoint.dir=<moved>
+    plan = plan_job(compose_cfg(tmp_path, f"checkpoint.dir={moved}", "resume=true"))
+    assert plan.action == "resume" and plan.checkpoint.step == 2 and plan.key == job_key(cfg)
 
     # resume=false: the user asked for a fresh start, so the old checkpoints go
     CheckpointStore(tmp_path / "ck", job_key(cfg)).save(2, payload(2), run_id="x")

@@ -133,6 +133,16 @@ CASES = [
     ("checkpoint", {"checkpoint.dir": ""}, "checkpoint.dir"),
     ("resume_force", {"resume": "maybe"}, "resume"),
     ("resume_force", {"force": "yes"}, "force"),
+    ("trainer_keys", {"trainer.max_step": 3}, "trainer.max_step"),  # max_steps misspelled
+    ("prompt_rows", {"data.source": "file", "data.path": "@NULL_PROMPT"}, "data.path"),
+    ("prompt_rows", {"data.num_train": 7}, "rollout.prompts_per_step"),  # 8 prompts per step
+    ("model_files", {"student.path": "@TRUNCATED"}, "student.path"),
+    ("rollout_engine", {"rollout.engine": "vllm"}, "rollout.engine"),  # the tiny pair's head_dim is 16
+    ("writable", {"output_dir": "@A_FILE/run"}, "output_dir"),
+    ("writable", {"checkpoint.dir": "@A_FILE/ck"}, "checkpoint.dir"),
+    ("tracking_store", {"logger.tracking_uri": "@CORRUPT_DB"}, "logger.tracking_uri"),
+    ("divergence", {"divergence.stop_after": -1}, "divergence.stop_after"),
+    ("divergence", {"divergence.stop": True}, "divergence.stop"),
 ]
 
 
@@ -140,7 +150,18 @@ CASES = [
 def special_dirs(tiny_pair, tmp_path_factory):  # noqa: F811
     tmp = tmp_path_factory.mktemp("special")
     (tmp / "empty").mkdir()
+    (tmp / "null_prompt.jsonl").write_text('{"question": null, "final_answer": "1"}\n')
+    truncated = shutil.copytree(tiny_pair[0], tmp / "truncated")
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (tmp / "a_file").write_text("x")
+    (tmp / "corrupt.db").write_bytes(b"this is not a SQLite database" * 100)
     return {
+        "@NULL_PROMPT": str(tmp / "null_prompt.jsonl"),
+        "@TRUNCATED": str(truncated),
+        "@A_FILE/run": str(tmp / "a_file" / "run"),
+        "@A_FILE/ck": str(tmp / "a_file" / "ck"),
+        "@CORRUPT_DB": f"sqlite:///{tmp / 'corrupt.db'}",
         "@EMPTY_DIR": str(tmp / "empty"),
         "@OTHER_VOCAB": str(bad_vocab_dir(tmp)),
         "@DEMOTED": str(non_special_im_start(tiny_pair[1], tmp)),

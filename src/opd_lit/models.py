@@ -3,12 +3,20 @@
 ``path`` is any local directory holding ``config.json`` and weights (no hub downloads), or
 ``toy:teacher`` / ``toy:student`` for the embedded toy pair, which is verified against its
 content hash and rebuilt into the cache if it does not match (see :mod:`opd_lit.toy`).
+
+:func:`model_dir_problems` checks a directory's files before anything loads (the
+``model_files`` check of :mod:`opd_lit.validate`): ``config.json`` parses, the weights are
+there and readable (every safetensors header parses and the file is as long as its header
+says: a truncated download is named with its path), and the tensor shapes agree with
+``config.json`` (embedding rows and width, number of layers).
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,3 +168,143 @@ def template_difference(
         s_text.splitlines(), t_text.splitlines(), "student", "teacher", lineterm="", n=1
     )
     return "teacher and student chat templates differ on a sample conversation:\n" + "\n".join(diff)
+
+
+# ---- files of a model directory, checked before anything loads ----------------------------
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 << 20
+_LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+
+
+def safetensors_header(path: Path) -> dict:
+    """The tensor table of a ``.safetensors`` file, checked against the file's length.
+
+    Reads the 8-byte header length and the JSON header only. Raises ``ValueError`` naming the
+    path when the file is shorter than its header says (truncated) or the header is not valid.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: {size} bytes, too short for a safetensors file (truncated?)")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _MAX_HEADER):
+            raise ValueError(f"{path}: header of {n} bytes in a file of {size} bytes (truncated or not safetensors)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = 0
+    for name, t in tensors.items():
+        try:
+            start, stop = (int(x) for x in t["data_offsets"])
+            shape = [int(d) for d in t["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has no valid shape / data_offsets in the header") from None
+        width = _ST_BYTES.get(t.get("dtype"))
+        if width is not None and (stop - start) != width * _prod(shape):
+            raise ValueError(f"{path}: tensor {name!r} {t.get('dtype')}{shape} spans {stop - start} bytes (corrupted header)")
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise ValueError(
+            f"{path}: truncated: {size} bytes, its header describes {8 + n + end} "
+            "(an interrupted download or copy? copy the file again)"
+        )
+    return tensors
+
+
+def _prod(shape: list[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def _weight_tables(d: Path) -> tuple[dict[str, list[int]], list[str]]:
+    """``{tensor: shape}`` from the safetensors headers, and the problems found on the way."""
+    shapes: dict[str, list[int]] = {}
+    problems: list[str] = []
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return shapes, [f"{index}: not a readable weight index ({type(e).__name__}: {e})"]
+        for shard in sorted(set(weight_map.values())):
+            f = d / shard
+            if not f.is_file():
+                problems.append(f"{f}: missing (listed in {index.name})")
+                continue
+            try:
+                table = safetensors_header(f)
+            except (OSError, ValueError) as e:
+                problems.append(str(e))
+                continue
+            lacking = [k for k, v in weight_map.items() if v == shard and k not in table]
+            if lacking:
+                problems.append(f"{f}: lacks {len(lacking)} tensor(s) {index.name} puts there, e.g. {lacking[0]!r}")
+            shapes.update({k: v["shape"] for k, v in table.items()})
+        return shapes, problems
+    single = d / "model.safetensors"
+    if single.is_file():
+        try:
+            shapes = {k: v["shape"] for k, v in safetensors_header(single).items()}
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+        return shapes, problems
+    for name in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
+        if (d / name).is_file():
+            if name.endswith(".bin"):
+                import zipfile
+
+                try:  # torch.save files are zip archives: the central directory sits at the end
+                    zipfile.ZipFile(d / name).namelist()
+                except (OSError, zipfile.BadZipFile) as e:
+                    problems.append(f"{d / name}: unreadable ({e}; truncated?)")
+            return shapes, problems
+    return shapes, [f"{d}: no weights (one of {', '.join(WEIGHT_FILES)})"]
+
+
+def model_dir_problems(path: str | Path) -> list[str]:
+    """What is wrong with the files of a local model directory (empty when nothing), by path."""
+    d = Path(path).expanduser()
+    config_path = d / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        return [f"{config_path}: not readable JSON ({type(e).__name__}: {e})"]
+    if not isinstance(config, dict):
+        return [f"{config_path}: not a JSON object"]
+    shapes, problems = _weight_tables(d)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    vocab, hidden, layers = text.get("vocab_size"), text.get("hidden_size"), text.get("num_hidden_layers")
+    for name, shape in shapes.items():
+        if name.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")) and len(shape) == 2:
+            expected = [vocab, hidden]
+            if None not in expected and shape != expected:
+                problems.append(
+                    f"{d}: tensor {name} is {shape}, config.json says [vocab_size, hidden_size] = {expected}"
+                )
+            break
+    found = {int(m.group(1)) for name in shapes for m in [_LAYER.search(name)] if m}
+    if found and isinstance(layers, int) and max(found) + 1 != layers:
+        problems.append(f"{d}: the weights hold {max(found) + 1} layers, config.json says num_hidden_layers={layers}")
+    return problems
+
+
+def attention_head_dim(path: str | Path) -> int | None:
+    """``head_dim`` of the model in ``path`` from its ``config.json`` (None if it cannot tell)."""
+    try:
+        config = json.loads((Path(path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    if isinstance(text.get("head_dim"), int):
+        return text["head_dim"]
+    hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None

