@@ -108,6 +108,7 @@ class UpdateResult:
     loss: float  # the global loss of the step (NaN when the update was skipped)
     grad_norm: float  # before clipping
     skipped: list[str]  # what was not finite (empty: the update was applied)
+    tokens: int = 0  # response tokens with weight > 0, over all ranks
     logprob_gap: float | None = None  # mean |log π_train − log π_rollout| (engines that report it)
 
 
@@ -151,16 +152,23 @@ def run_step(module: DistillModule, records: list[dict[str, Any]]) -> tuple[dict
     with timer("supervise"):
         sup = module.supervise(batch)
 
-    # 6. loss and optimizer update
+    # 6. loss and optimizer update; a loss or gradient out of its sane range is flagged
     with timer("update"):
         result = update_student(module, batch, sup)
+    verdict = module.guard.update(module.global_step, result.loss, result.grad_norm, tokens=result.tokens)
+    if verdict.stop:
+        from opd_lit.guards import DivergenceError
+
+        raise DivergenceError(verdict.message)
 
     # 7. the new weights into the rollout engine
     with timer("sync"):
         parts.engine.sync_weights(module.student)
 
     timer.seconds["step"] = time.perf_counter() - t_step
-    return step_metrics(module, batch, sup, result, timer.seconds), batch
+    metrics = step_metrics(module, batch, sup, result, timer.seconds)
+    metrics.update(verdict.metrics)  # train/diverged
+    return metrics, batch
 
 
 # ---------------------------------------------------------------------------
@@ -280,7 +288,9 @@ def update_student(module: DistillModule, batch: RolloutBatch, sup: Supervision)
     flags = parallel.all_reduce_max(torch.tensor([float(k in bad_local) for k in inputs]))
     bad = [k for k, f in zip(inputs, flags.tolist()) if f > 0]
 
-    num_tokens = parallel.all_reduce_sum(mask.sum().detach())  # global N
+    # global N, and how many tokens the method supervises (weight > 0), in one collective
+    counts = parallel.all_reduce_sum(torch.stack([mask.sum(), ((weight > 0) & valid).sum().to(mask.dtype)]).detach())
+    num_tokens, supervised = counts[0], int(counts[1])
     # DDP and FSDP average gradients over ranks; the loss is a global sum over N, so scale back.
     grad_scale = float(parallel.world_size())
     gather_k = max(spec.topk if spec.estimator == "topk" else 0, sup.candidate_k)
@@ -329,7 +339,7 @@ def update_student(module: DistillModule, batch: RolloutBatch, sup: Supervision)
     if batch.rollout_logprobs is not None:
         sums = parallel.all_reduce_sum(torch.tensor([gap_sum, float(gap_n)]))
         gap = float(sums[0] / sums[1].clamp(min=1))
-    return UpdateResult(float(total), grad_norm, bad, gap)
+    return UpdateResult(float(total), grad_norm, bad, supervised, gap)
 
 
 def estimator_loss(module, batch, sup, scores, rows, width, advantage, weight, num_tokens) -> torch.Tensor:

@@ -76,6 +76,7 @@ def build(cfg: DictConfig, out: Path, plan=None):
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         loss=OmegaConf.to_container(cfg.loss, resolve=True),
         release=OmegaConf.to_container(cfg.release, resolve=True),
+        divergence=OmegaConf.to_container(cfg.divergence, resolve=True) if "divergence" in cfg else None,
         _convert_="all",
     )
     teacher = TeacherCallback(

@@ -349,15 +349,14 @@ def _devices(ctx):
         )
 
 
-@check("batch_divisible", "rollout.prompts_per_step × rollout.samples_per_prompt, trainer.devices × num_nodes",
-       "the rollout batch divides evenly over the devices")
+@check("batch_divisible", "rollout.prompts_per_step, trainer.devices × num_nodes",
+       "the global batch of prompts splits evenly over the ranks")
 def _divisible(ctx):
-    p, s, n = ctx.get("rollout.prompts_per_step"), ctx.get("rollout.samples_per_prompt"), device_count(ctx)
-    if _is_int(p) and _is_int(s) and p >= 1 and s >= 1 and n and (p * s) % n:
+    p, n = ctx.get("rollout.prompts_per_step"), device_count(ctx)
+    if _is_int(p) and p >= 1 and n and p % n:
         yield Problem(
             "rollout.prompts_per_step", p,
-            f"prompts_per_step × samples_per_prompt ({p} × {s} = {p * s}) must be divisible by the "
-            f"number of devices ({n})",
+            f"the global batch: each of the {n} ranks samples an equal share, so a multiple of {n}",
         )
 
 

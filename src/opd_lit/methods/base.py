@@ -117,6 +117,7 @@ class DistillModule(L.LightningModule):
         optim: dict[str, Any] | None = None,
         loss: dict[str, Any] | None = None,
         release: dict[str, Any] | None = None,
+        divergence: dict[str, Any] | None = None,
         name: str | None = None,
         label: str | None = None,
     ):
@@ -127,6 +128,9 @@ class DistillModule(L.LightningModule):
         self.loss_spec: LossSpec = _spec(LossSpec, loss, "loss")
         self.release_spec: ReleaseSpec = _spec(ReleaseSpec, release, "release")
         self._check_specs()
+        from opd_lit.guards import DivergenceGuard
+
+        self.guard = DivergenceGuard(divergence)  # divergence.*: watches each step's loss and gradient
         self.student = load_causal_lm(
             self.student_spec.path,
             dtype=self.student_spec.dtype,
@@ -305,6 +309,14 @@ class DistillModule(L.LightningModule):
             if key in metrics:
                 self.log(key.split("/")[-1], metrics[key], prog_bar=True, logger=False, batch_size=n)
         return {"rollouts": rollouts}  # the scored batch, for the diagnostics
+
+    # ---- checkpoints: the divergence guard's window travels with the run ---------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["divergence"] = self.guard.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "divergence" in checkpoint:
+            self.guard.load_state_dict(checkpoint["divergence"])
 
     # ---- the numeric guard's bookkeeping (called by the update) ------------------------
     def record_good_step(self) -> None:
