@@ -44,7 +44,7 @@ _OPS = {"add": "+", "subtract": "-", "multiply by": "*"}
 
 def _check_problem(p: dict) -> None:
     """Recompute everything stated in a problem from its text alone."""
-    assert set(p) == {"id", "question", "answer", "solution"}
+    assert set(p) == {"id", "question", "answer", "solution", "wording"}
     m = _Q.match(p["question"])
     assert m, p["question"]
     start = int(m.group(1))
@@ -58,10 +58,21 @@ def _check_problem(p: dict) -> None:
     assert P.min_steps <= len(ops) <= P.max_steps
     assert 0 <= start <= P.start_max
 
-    # One sentence per step, then the boxed answer sentence.
+    # One sentence per step, the boxed answer sentence, then the check lines.
     sentences = re.split(r"(?<=\.) ", p["solution"])
-    assert len(sentences) == len(ops) + 1, p["solution"]
-    assert sentences[-1] == f"The answer is \\boxed{{{p['answer']}}}."
+    checks = sentences[len(ops) + 1 :]
+    assert P.min_checks <= len(checks) <= P.max_checks, p["solution"]
+    assert sentences[len(ops)] == f"The answer is \\boxed{{{p['answer']}}}."
+    assert checks == T.check_lines(p["solution"])
+    for line in checks:
+        words = line[:-1]
+        for options in T.CHECK_SLOTS:  # each slot filled with one of its options, in order
+            opt = next((o for o in options if words.startswith(o)), None)
+            assert opt is not None, line
+            if p["wording"] == "fixed":
+                assert opt == options[0], line
+            words = words[len(opt) :].lstrip()
+        assert words == "", line
     value = start
     for i, (sentence, (op, x)) in enumerate(zip(sentences, ops)):
         sm = _STEP.match(sentence)
@@ -96,9 +107,35 @@ def test_problem_arithmetic_and_ranges():
     for p in probs:
         _check_problem(p)
     n_steps = {len(T.solution_steps(p["solution"])) for p in probs}
-    assert n_steps == {2, 3}
+    assert n_steps == set(range(P.min_steps, P.max_steps + 1))
     ops = {op for p in probs for _, op, _, _ in T.solution_steps(p["solution"])}
     assert ops == {"+", "-", "*"}
+
+
+def test_check_wordings():
+    """free: the check lines' words vary (the low-contrast mechanism); fixed: one line.
+    The arithmetic and the number of check lines do not depend on the wording."""
+    free = T.make_problems("train", 300, seed=0, wording="free")
+    fixed = T.make_problems("train", 300, seed=0, wording="fixed")
+    mixed = T.make_problems("train", 300, seed=0, wording="mixed")
+    for a, b, c in zip(free, fixed, mixed):
+        assert a["question"] == b["question"] == c["question"] and a["answer"] == b["answer"]
+        assert len(T.check_lines(a["solution"])) == len(T.check_lines(b["solution"]))
+        assert c["solution"] == (a if c["wording"] == "free" else b)["solution"]
+    fixed_lines = {line for p in fixed for line in T.check_lines(p["solution"])}
+    assert fixed_lines == {"Let me check this again."}
+    free_lines = [line for p in free for line in T.check_lines(p["solution"])]
+    # 81 possible lines; every slot's options all occur, each about a third of the time
+    for options in T.CHECK_SLOTS:
+        for o in options:
+            share = sum(f" {o} " in f" {line[:-1]} " for line in free_lines) / len(free_lines)
+            assert 0.2 < share < 0.47, (o, share)
+    assert 0.3 < sum(p["wording"] == "free" for p in mixed) / len(mixed) < 0.7
+    # the prompt names the wording
+    assert T.format_prompt(free[0])[0]["content"] != T.format_prompt(fixed[0])[0]["content"]
+    assert T.format_prompt(free[0]["question"], "fixed") == T.format_prompt(fixed[0])
+    with pytest.raises(ValueError, match="free"):
+        T.make_problems("train", 3, seed=0, wording="loose")
 
 
 def test_train_eval_disjoint():
@@ -144,7 +181,12 @@ def tokenizers(tmp_path_factory):
 def test_tokenizer_vocab_and_digits(tokenizers):
     tok = tokenizers["student"]
     assert tok.get_vocab() == tokenizers["teacher"].get_vocab()
-    assert 100 <= len(tok) <= 130
+    assert len(tok) == default_recipe().tokenizer.vocab_size
+    # every check-line word is one token (so a slot's choice is one next-token decision)
+    for options in T.CHECK_SLOTS:
+        for word in options:
+            for w in word.split():
+                assert len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1, w
     for special in (PAD_TOKEN, IM_START, IM_END):
         assert special in tok.get_vocab()
     assert tok.eos_token == IM_END and tok.pad_token == PAD_TOKEN
@@ -191,13 +233,36 @@ def test_chat_templates(tokenizers):
 # ----------------------------------------------------------------------------- shipped assets
 
 
+def test_teacher_contrast_falls_on_free_check_lines():
+    """The toy's documented mechanism, on the shipped pair: with the free wording the
+    teacher's margin among the student's top-8 collapses on the check lines (several words
+    equally right), with the fixed wording it stays as high as on the arithmetic."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd_lit.toy.contrast import sentence_margins
+
+    models, toks = {}, {}
+    for role in ROLES:
+        d = toy_model_dir(role, build=False)
+        models[role] = AutoModelForCausalLM.from_pretrained(str(d)).eval()
+        toks[role] = AutoTokenizer.from_pretrained(str(d))
+    m = {
+        w: sentence_margins(toy_eval_problems(24, wording=w), models["student"], models["teacher"], toks)
+        for w in T.WORDINGS
+    }
+    assert m["free"]["steps"] > 5.0 and m["fixed"]["steps"] > 5.0  # the arithmetic is determined
+    for check in ("check 1", "check 2"):
+        assert m["free"][check] < 0.5 * m["free"]["steps"], m
+        assert m["fixed"][check] > 0.7 * m["fixed"]["steps"], m
+
+
 def test_shipped_assets_verify_and_load():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = verify_assets()
     assert manifest["recipe_hash"] == recipe_hash()
-    assert manifest["teacher_accuracy"] >= 0.90
-    assert manifest["student_accuracy"] < 0.5
+    assert manifest["teacher_accuracy"] >= 0.95  # near the ceiling
+    assert 0.15 <= manifest["student_accuracy"] <= 0.35  # headroom to learn
     assert set(manifest["train_seconds"]) == set(ROLES)
     total = sum(p.stat().st_size for p in ASSETS_DIR.rglob("*") if p.is_file())
     assert total < 8 * 2**20
@@ -216,7 +281,7 @@ def test_shipped_assets_verify_and_load():
     assert toks["teacher"].get_vocab() == toks["student"].get_vocab()
     assert toks["teacher"].chat_template != toks["student"].chat_template
     n = {r: sum(p.numel() for p in m.parameters()) for r, m in models.items()}
-    assert n["teacher"] > 4 * n["student"]
+    assert n["teacher"] > 1.8 * n["student"]  # twice the depth at the same width
     assert models["teacher"].config.head_dim == models["student"].config.head_dim == 32
 
 

@@ -124,6 +124,7 @@ CASES = [
     ("data", {"data.source": "file", "data.path": "???"}, "data.path"),
     ("data", {"data.limit": 0}, "data.limit"),
     ("data", {"data.num_train": 0}, "data.num_train"),
+    ("data", {"data.check_wording": "loose"}, "data.check_wording"),
     ("logger", {"logger.kind": "wandb"}, "logger.kind"),
     ("logger", {"logger.experiment_name": ""}, "logger.experiment_name"),
     ("eval", {"eval.toy.task": "nope"}, "eval"),

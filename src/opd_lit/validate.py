@@ -526,10 +526,12 @@ def _tokenizers(ctx):
             )
 
 
-@check("data", "data.source, data.path, data.num_train, data.limit",
-       "source toy or file; for file an existing path holding data files; counts >= 1")
+@check("data", "data.source, data.path, data.num_train, data.limit, data.check_wording",
+       "source toy or file; for file an existing path holding data files; counts >= 1; "
+       "toy check_wording free or fixed")
 def _data(ctx):
     from opd_lit.data.prompts import FILE_FORMATS, SOURCES
+    from opd_lit.toy.task import WORDINGS
 
     source = ctx.get("data.source", "toy")
     if source not in SOURCES:
@@ -547,6 +549,7 @@ def _data(ctx):
                 yield Problem("data.path", path, f"a directory holding {sorted(FILE_FORMATS)} files (none found)")
     else:
         yield from _int_at_least(ctx, "data.num_train", 1, required=False)
+        yield from _one_of(ctx, "data.check_wording", WORDINGS, required=False)
     limit = ctx.get("data.limit", None)
     if limit not in (MISSING, None) and (not _is_int(limit) or limit < 1):
         yield Problem("data.limit", limit, "null (all rows) or an integer >= 1")

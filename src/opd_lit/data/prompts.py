@@ -52,16 +52,17 @@ class PromptSpec:
     difficulty_field: str = "difficulty"
     limit: int | None = None
     num_train: int = 4096  # toy: how many training problems to generate
+    check_wording: str = "free"  # toy: free (low-contrast check lines) | fixed (mechanism off)
     seed: int = 0
 
 
-def toy_records(n: int) -> list[dict[str, Any]]:
+def toy_records(n: int, wording: str = "free") -> list[dict[str, Any]]:
     from opd_lit.toy import toy_train_problems
     from opd_lit.toy.task import format_prompt
 
     return [
         {"id": p["id"], "messages": format_prompt(p), "answer": p["answer"]}
-        for p in toy_train_problems(n)
+        for p in toy_train_problems(n, wording=wording)
     ]
 
 
@@ -140,7 +141,7 @@ def _at_least_difficulty(ds, spec: PromptSpec):
 
 def load_prompt_records(spec: PromptSpec) -> list[dict[str, Any]]:
     if spec.source == "toy":
-        records = toy_records(spec.num_train)
+        records = toy_records(spec.num_train, spec.check_wording)
     elif spec.source == "file":
         records = file_records(spec)
     else:

@@ -112,6 +112,7 @@ class BenchmarkSpec:
     date_from: str | None = None  # livecodebench: keep problems with date >= this (ISO)
     date_to: str | None = None  # livecodebench: ... and <= this
     alias: str | None = None  # also log eval/<name>/<alias> (and teacher_<alias>)
+    check_wording: str = "free"  # toy: the check-line wording the prompts ask for (free | fixed)
 
     @classmethod
     def from_dict(cls, name: str, values: dict[str, Any]) -> "BenchmarkSpec":
@@ -150,6 +151,8 @@ class BenchmarkSpec:
                 raise ValueError(f"{where}.fields.{role} is required (the column holding {task.fields[role][1]})")
         if self.samples < 1:
             raise ValueError(f"{where}.samples={self.samples}: must be >= 1")
+        if self.check_wording not in ("free", "fixed"):
+            raise ValueError(f"{where}.check_wording={self.check_wording!r} is not one of ['free', 'fixed']")
         if self.max_new_tokens < 1:
             raise ValueError(f"{where}.max_new_tokens={self.max_new_tokens}: must be >= 1")
         if self.max_problems is not None and self.max_problems < 1:
@@ -355,7 +358,7 @@ class ToyTask(MathTask):
     def messages(self, problem, spec, sample):
         from opd_lit.toy.task import format_prompt
 
-        msgs = format_prompt(problem.data["problem"])
+        msgs = format_prompt(problem.data["problem"], spec.check_wording)
         if spec.prompt_template:
             msgs = [{"role": "user", "content": _fill(spec.prompt_template, problem=problem.data["problem"])}]
         if spec.system_prompt:

@@ -333,7 +333,8 @@ def build_role(
     torch.manual_seed(tp.seed)
     model = Qwen3ForCausalLM(config)
     model.generation_config = generation_config(tokenizer)
-    problems = make_problems("train", tp.steps * tp.batch_size, tp.data_seed, recipe.task)
+    # both check-line wordings, so one pair of models serves data.check_wording=free|fixed
+    problems = make_problems("train", tp.steps * tp.batch_size, tp.data_seed, recipe.task, wording="mixed")
     record: dict[str, Any] = {
         "role": role,
         "num_parameters": sum(p.numel() for p in model.parameters()),
@@ -454,7 +455,8 @@ def ship(recipe: Recipe | None = None, assets_dir: Path = ASSETS_DIR, progress: 
     stage = assets_dir.with_name(assets_dir.name + f".stage-{os.getpid()}")
     if stage.exists():
         shutil.rmtree(stage)
-    manifest = build_all(stage, recipe, ROLES, evaluate=True, progress=progress)
+    # the student first: it is the quick one, and its accuracy is the one to look at
+    manifest = build_all(stage, recipe, ("student", "teacher"), evaluate=True, progress=progress)
     verify_assets(stage, ROLES, recipe)
     if assets_dir.exists():
         shutil.rmtree(assets_dir)

@@ -14,8 +14,8 @@ thinking-student / instruct-teacher pair:
 
 The base alphabet is the set of characters of the toy's own text (questions, solutions,
 instruction, role names, default system prompt), not all 256 bytes: that keeps the
-vocabulary at 128 with ~70 merges, so sequences stay short (~130 tokens) and CPU
-training fast. Characters outside it (e.g. 'g', 'k', 'v', 'é') cannot be encoded and
+vocabulary at 192 (the check lines' words become single tokens), so sequences stay
+short (~150 tokens with the prompt) and CPU training fast. Characters outside it (e.g. 'g', 'k', 'v', 'é') cannot be encoded and
 are dropped; prompts should come from ``opd_lit.toy.task.format_prompt``.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .task import DEFAULT_TASK, INSTRUCTION, TaskParams, format_prompt, make_problems
+from .task import DEFAULT_TASK, INSTRUCTIONS, TaskParams, format_prompt, make_problems
 
 __all__ = [
     "TokenizerParams",
@@ -76,7 +76,7 @@ def chat_template_for(role: str) -> str:
 class TokenizerParams:
     """Everything that determines the tokenizer (part of the toy recipe)."""
 
-    vocab_size: int = 128  # including the special tokens and the base alphabet
+    vocab_size: int = 192  # including the special tokens and the base alphabet
     min_frequency: int = 2
     corpus_problems: int = 2000
     corpus_seed: int = 1234
@@ -89,7 +89,7 @@ DEFAULT_TOKENIZER = TokenizerParams()
 
 
 def _corpus(params: TokenizerParams, task: TaskParams) -> list[str]:
-    probs = make_problems("train", params.corpus_problems, params.corpus_seed, task)
+    probs = make_problems("train", params.corpus_problems, params.corpus_seed, task, wording="mixed")
     texts: list[str] = []
     for p in probs:
         user = format_prompt(p)[0]["content"]
@@ -97,7 +97,7 @@ def _corpus(params: TokenizerParams, task: TaskParams) -> list[str]:
         texts.append(f"assistant\n{p['solution']}\n")
     # Role names, the default system prompt and the instruction, so both templates encode.
     texts.extend([f"system\n{DEFAULT_SYSTEM_PROMPT}\n"] * 50)
-    texts.append(INSTRUCTION)
+    texts.extend(INSTRUCTIONS.values())
     return texts
 
 
