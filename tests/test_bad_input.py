@@ -184,3 +184,17 @@ def test_errors_print_one_line_per_problem_without_a_traceback(tmp_path, monkeyp
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(ConfigError):  # the full traceback when asked for
         _main(monkeypatch, tmp_path, "optim.lr=0.0")
+
+
+def test_a_dry_run_validates_the_settings_and_reports_bad_files_without_failing(tmp_path, capsys):
+    from opd_lit.validate import ConfigError
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=r"optim.lr=-1: a number > 0"):
+        run(compose_cfg(tmp_path, "dry_run=true", "optim.lr=-1"))
+    # the files a job names may be on another machine (a cluster's sweep): reported, not refused
+    summary = run(compose_cfg(tmp_path, "dry_run=true", "data=jsonl", f"data.path={empty}", fast=False))
+    assert summary["on_disk_problems"] == [f"data.path: {empty}: no rows (an empty file)"]
+    assert f"    on this machine: data.path: {empty}: no rows (an empty file)" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists() and not (tmp_path / "mlflow.db").exists()  # nothing written

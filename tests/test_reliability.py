@@ -111,6 +111,7 @@ def test_ctrl_c_checkpoints_marks_killed_and_exits_cleanly_then_resumes(tmp_path
     assert on_disk[-1] == 3, on_disk  # the step that was running when Ctrl-C came, checkpointed
     client, runs = mlflow_run(db)
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    assert runs[0].data.tags["error"].startswith("stopped by SIGINT after step 3 (checkpoint at step 3: ")
     run_id = runs[0].info.run_id
     assert sorted(step_metrics(db, "train/loss")) == [0, 1, 2]  # its metrics reached MLflow
 
@@ -250,8 +251,28 @@ def test_three_non_finite_steps_in_a_row_stop_the_run_with_a_clear_error(tmp_pat
     assert same(w[1], w[2]) and same(w[2], w[3])  # none of the NaN steps changed the weights
     _, runs = mlflow_run(tmp_path / "mlflow.db")
     assert runs[0].info.status == "FAILED"
+    assert runs[0].data.tags["error"] == f"NonFiniteError: {msg}"  # Lightning's own end of the run has no cause
     assert step_metrics(tmp_path / "mlflow.db", "train/skipped_steps") == {0: 0.0, 1: 1.0, 2: 2.0}
     assert checkpoint_steps(tmp_path / "ck")[-1] == 3  # the last good state is on disk
+
+
+@pytest.mark.slow
+def test_divergence_stop_after_ends_the_run_failed_with_every_diverged_step_in_mlflow(tmp_path, tiny_pair):  # noqa: F811
+    from opd_lit.guards import DivergenceError
+    from opd_lit.train import run
+
+    # any real loss is above this bound: every step diverges, the 2nd in a row stops the run
+    cfg = compose_cfg(tmp_path, *pair_overrides(*tiny_pair), "trainer.max_steps=4", "rollout.max_new_tokens=6",
+                      "checkpoint.every_n_steps=0", "method=opd", "release.diagnose=false",
+                      "divergence.max_abs_loss=1e-9", "divergence.stop_after=2")
+    with pytest.raises(DivergenceError, match=r"^step 2: training diverged: \|loss\| = .* above divergence"
+                                              r"\.max_abs_loss=1e-09; stopping \(divergence\.stop_after=2\)$") as err:
+        run(cfg)
+    db = tmp_path / "mlflow.db"
+    _, (mlrun,) = mlflow_run(db)
+    assert mlrun.info.status == "FAILED" and mlrun.data.tags["error"] == f"DivergenceError: {err.value}"
+    assert step_metrics(db, "train/diverged") == {0: 1.0, 1: 1.0}  # the stopping step too
+    assert sorted(step_metrics(db, "train/loss")) == [0, 1]
 
 
 @pytest.mark.slow

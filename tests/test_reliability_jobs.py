@@ -167,7 +167,7 @@ def test_an_output_dir_of_another_job_is_refused_and_a_finished_runs_is_kept(tmp
     claim_output_dir(out, "aaaa", {"seed": 0, "lr": 1}, done, uri)  # that run itself, resumed: fine
 
 
-def test_run_refuses_an_output_dir_holding_another_jobs_outputs(tmp_path, no_build):
+def test_run_refuses_an_output_dir_holding_another_jobs_outputs(tmp_path, no_build, capsys):
     cfg_a = compose_cfg(tmp_path, "seed=0")
     out = Path(cfg_a.output_dir)
     claim_output_dir(out, job_key(cfg_a), job_config(cfg_a), "run-a", None)
@@ -175,6 +175,7 @@ def test_run_refuses_an_output_dir_holding_another_jobs_outputs(tmp_path, no_bui
     with pytest.raises(JobConflictError, match=rf"output_dir='{out}' holds the outputs of another job, {job_key(cfg_a)}"):
         train.run(compose_cfg(tmp_path, "seed=1"))
     assert json.loads((out / OUTPUT_MARKER).read_text())["mlflow_run_id"] == "run-a"
+    assert "running it" not in capsys.readouterr().out  # the plan is announced only once nothing refuses it
 
 
 # ---- stale runs, and runs that end before training ----------------------------------------

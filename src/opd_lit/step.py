@@ -159,6 +159,9 @@ def run_step(module: DistillModule, records: list[dict[str, Any]]) -> tuple[dict
     if verdict.stop:
         from opd_lit.guards import DivergenceError
 
+        # the step that stops the run never reaches Lightning's end-of-step logging: send its
+        # verdict (and what it was judged on) to MLflow now
+        log_now(module, {"train/loss": result.loss, "train/grad_norm": result.grad_norm, **verdict.metrics})
         raise DivergenceError(verdict.message)
 
     # 7. the new weights into the rollout engine
@@ -169,6 +172,18 @@ def run_step(module: DistillModule, records: list[dict[str, Any]]) -> tuple[dict
     metrics = step_metrics(module, batch, sup, result, timer.seconds)
     metrics.update(verdict.metrics)  # train/diverged
     return metrics, batch
+
+
+def log_now(module: DistillModule, metrics: dict[str, float]) -> None:
+    """Send ``metrics`` to the loggers at the step Lightning logs this batch's metrics at."""
+    trainer = module._trainer
+    if trainer is None:
+        return
+    from opd_lit.tracking import log_metrics
+
+    # Lightning logs a training batch at the count of batches stepped before it (0-based)
+    step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+    log_metrics(trainer, metrics, step)
 
 
 # ---------------------------------------------------------------------------

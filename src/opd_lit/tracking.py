@@ -314,6 +314,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
         self._last_failure = 0.0
         self.failures = 0
         self.closed_with: str | None = None
+        self.error_tagged = False  # the run's tag ``error`` is set
 
     # ---- metrics -----------------------------------------------------------------------
     def _send(self, metrics: Mapping[str, float], step: int, timestamp_ms: int) -> None:
@@ -407,13 +408,25 @@ class BufferedMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def close(self, status: str = "FINISHED", error: str | None = None) -> None:
         """Flush (or write the CSV fallback) and set the run's final status, once; ``error``
-        (why it FAILED or was KILLED) goes into the run's tag ``error``."""
-        if not self._initialized or self.closed_with is not None:
+        (why it FAILED or was KILLED) goes into the run's tag ``error``. Lightning ends a run
+        that raised inside ``fit`` first (:meth:`finalize`, which knows no cause): the entry
+        point's later call still adds the cause."""
+        if not self._initialized:
+            return
+        if self.closed_with is not None:
+            if error and not self.error_tagged:
+                try:
+                    set_error_tag(self.experiment, self.run_id, error)
+                    self.error_tagged = True
+                except Exception as e:  # noqa: BLE001
+                    log.warning("could not tag MLflow run %s with its error (%s: %s)", self._run_id,
+                                type(e).__name__, e)
             return
         self._flush_or_fallback()
         try:
             if error:
                 set_error_tag(self.experiment, self.run_id, error)
+                self.error_tagged = True
             self.experiment.set_terminated(self.run_id, status)
             self.closed_with = status
         except Exception as e:  # noqa: BLE001

@@ -230,12 +230,13 @@ def take_the_job(cfg: DictConfig, key: str, ckpt_dir: str, lock):
     config = job_config(cfg)
     check_checkpoint_dir(store, key, config)  # another job's checkpoints here: refused, keys named
     plan = plan_job(cfg, key)  # MLflow runs tagged with its key, its checkpoints
-    print(f"[opd_lit] {plan.reason}", flush=True)
     if plan.action == "skip":
+        print(f"[opd_lit] {plan.reason}", flush=True)
         return plan, None
     if mlflow:  # a live owner of this job elsewhere: refused; dead runs get their final status
         settle_stale_runs(uri, plan, ckpt_dir)
     marker = claim_output_dir(output_dir(cfg), key, config, plan.run_id, uri)
+    print(f"[opd_lit] {plan.reason}", flush=True)  # once no refusal can follow
     if plan.action == "run":
         _clear_or_set_aside(cfg, store, plan, uri)
     write_job_file(store, key, config)
@@ -483,16 +484,34 @@ def _close_logger(logger, status: str, error: str | None = None) -> None:
 
 
 def dry_run(cfg: DictConfig) -> dict[str, Any]:
-    """Compose and check one job without loading a model; print one line."""
+    """Compose and check one job without loading a model or writing anything; print one line.
+
+    The settings are validated as in a run (a bad one: :class:`ConfigError`); what the files
+    and stores it names look like on this machine (:data:`opd_lit.validate.ON_DISK`) is
+    printed after the line, not an error, since a sweep meant for a cluster is often
+    dry-run where its models and data are not: one problem a line for a single job, the keys
+    on one line for each job of a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from hydra.utils import get_class
 
     from opd_lit.sweep import describe_job
+    from opd_lit.validate import CHECKS, ON_DISK, check_config, validate_config
 
+    validate_config(cfg, skip=ON_DISK)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     get_class(cfg.method._target_)  # the method class imports
     line = f"{describe_job(cfg)}  |  {placement(cfg)}"
     print(line, flush=True)
-    return {"dry_run": True, "job": line}
+    on_disk = check_config(cfg, skip=tuple(c.name for c in CHECKS if c.name not in ON_DISK))
+    if on_disk and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        keys = ", ".join(dict.fromkeys(p.key for p in on_disk))
+        print(f"    on this machine: {len(on_disk)} problem(s) with {keys} (dry-run the job alone to see each)",
+              flush=True)
+    else:
+        for problem in on_disk:
+            print(f"    on this machine: {problem}", flush=True)
+    return {"dry_run": True, "job": line, "on_disk_problems": [str(p) for p in on_disk]}
 
 
 def placement(cfg: DictConfig) -> str:
@@ -588,6 +607,7 @@ def quiet_logs() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported
     transformers.utils.logging.set_verbosity_warning()
     for name in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
