@@ -11,9 +11,9 @@ from e2e import REPO
 
 from opd_lit.guards import METRIC, DivergenceGuard, DivergenceSpec, spec_from_config
 
-# Measured on the embedded toy (2 CPU cores, seed 0, 20 / 30 steps, eval off):
+# Measured on the first embedded toy (2 CPU cores, seed 0, 20 / 30 steps, eval off):
 #   python -m opd_lit.train optim.lr=1e3 trainer.max_steps=20 ...   (the lr=1e3 run)
-#   python -m opd_lit.train method=opd trainer.max_steps=30 ...      (the default lr 1e-4)
+#   python -m opd_lit.train method=opd trainer.max_steps=30 optim.lr=1e-4 ...  (then the default, first toy)
 LR_1E3 = {
     "loss": [-1.49, -1.022, -32.035, -30.051, -31.153, -31.925, -30.557, -31.502, -30.873, -31.204,
              -29.789, -30.169, -30.201, -29.448, -30.008, -31.522, -31.662, -30.714, -31.962, -30.671],
