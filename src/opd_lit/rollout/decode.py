@@ -92,15 +92,16 @@ def decode(
     next_pos = positions[:, -1:] + 1  # [R, 1]
     for _ in range(params.max_new_tokens):
         logits = out.logits[:, -1].float()  # [R, V] (one step's worth)
+        logp = logits.log_softmax(-1) if (want_lp or params.entropy) else None  # [R, V], raw
         if params.greedy:
             nxt = logits.argmax(-1)
         else:
-            probs = sampling_logits(logits, params).softmax(-1)
+            untouched = params.temperature == 1.0 and params.top_p >= 1.0 and not params.top_k
+            probs = logp.exp() if (untouched and logp is not None) else sampling_logits(logits, params).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             del probs
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)  # [R]
-        if want_lp or params.entropy:
-            logp = logits.log_softmax(-1)  # [R, V], the raw distribution
+        if logp is not None:
             if want_lp:
                 lps.append(logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
                 if k:
