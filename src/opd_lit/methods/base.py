@@ -231,12 +231,9 @@ class DistillModule(L.LightningModule):
         """Assemble the step once: the merged needs, the teacher, the rollout engine."""
         if self.parts is not None:
             return
-        from opd_lit.memory import return_freed_memory
         from opd_lit.rollout import build_engine
         from opd_lit.step import StepParts
         from opd_lit.teacher import TeacherCallback
-
-        return_freed_memory()  # the step's large temporaries go back to the system when freed
 
         trainer = self.trainer
         teacher_cb = next((c for c in trainer.callbacks if isinstance(c, TeacherCallback)), None)
