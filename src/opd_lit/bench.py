@@ -2,9 +2,12 @@
 
 Everything is measured in the same run, on the machine it runs on (``device`` says which):
 
-- rollout: tokens/s of the ``hf`` engine (transformers ``generate``) and of the ``vllm``
-  engine (in a subprocess, so vLLM's process-wide settings touch nothing else; ``null``
-  with a note when vLLM is not installed), their ratio, vLLM's start-up and weight-sync time;
+- rollout: tokens/s of the ``hf`` engine's paths, interleaved in one process: transformers
+  ``generate`` (alone, with the student scoring pass the step then needs, and with a static
+  KV cache) and the engine's own decoding loop (alone, and with the student's scores, the
+  default); and of the ``vllm`` engine (in a subprocess, so vLLM's process-wide settings touch
+  nothing else; ``null`` with a note when vLLM is not installed), their ratio, vLLM's
+  start-up and weight-sync time;
 - scoring (the teacher's pass, no gradients, top-K gather): full ``[B, T, V]`` float32 logits
   (:func:`~opd_lit.scoring.score_tokens_full`) against the chunked scorer
   (:func:`~opd_lit.scoring.score_tokens`), tokens/s and peak memory, and their ratios;
@@ -17,7 +20,10 @@ Everything is measured in the same run, on the machine it runs on (``device`` sa
   process: tokens/s, MFU and peak memory;
 - release rule: sentence segmentation + BIC release of one batch, ms and share of the step;
 - ``bench.peer=trl``: one training step of TRL's ``DistillationTrainer`` against one of
-  ``opd_lit`` (method ``opd``) on the same toy models, prompts, batch and response length.
+  ``opd_lit`` (method ``opd``) on the same models, prompts, batch and response length (by
+  default a random-init Qwen3 dense student and Qwen3-MoE teacher with the real 151,936-token
+  vocabulary, built here: :func:`qwen3_pair`), whole step and per stage, the working memory
+  (peak RSS minus the RSS of importing the entry point alone) and the import footprint.
 
 Peak memory. On a GPU: ``torch.cuda.max_memory_allocated()`` above what was allocated before
 the measured call. On the CPU: the process's peak resident set size (``VmHWM``, reset through
