@@ -613,6 +613,10 @@ def worker_peer_opd(a: dict[str, Any]) -> dict[str, Any]:
         "eval.at_start=false", "eval.at_end=false", "eval.teacher_at_start=false",
         "export.final_model=false", f"output_dir={out}",
     ]
+    import torch
+
+    if torch.cuda.is_available():  # the same device as TRL's side
+        overrides += ["trainer=gpu"] + ([] if a["dtype"] == "bfloat16" else ["trainer.precision=32-true"])
     optional = ["diagnostics.enabled=false", "checkpoint.every_n_steps=0",
                 f"checkpoint.dir={out / 'ckpt'}", "resume=false"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -635,8 +639,6 @@ def worker_peer_opd(a: dict[str, Any]) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule)
     st = stages[a["steps"] - 1]
     rollout = st["rollout"] + st["student_score"]  # samples with the student's scores ready
-    import torch
-
     return {"step_s": round(clock.seconds, 3), "step_mib": clock.mem.mib, "peak_rss_mib": clock.peak_rss_mib(),
             "gpu_peak_mib": _gpu_peak_mib(), "threads": torch.get_num_threads(),
             "rollout_s": round(rollout, 3), "student_score_s": round(st["student_score"], 3),
