@@ -83,6 +83,47 @@ def test_bench_without_vllm_reports_null_with_a_note(monkeypatch, tmp_path):
     assert any("vLLM is not installed" in n for n in b.notes)
 
 
+def test_bench_rollout_times_every_hf_path_in_one_run(monkeypatch, tmp_path):
+    from opd_lit import bench
+
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)  # no vLLM run
+    b = bench.Bench(bench.make_size("tiny", {"rollout_prompts": "3", "rollout_new_tokens": "5"}),
+                    ["rollout"], 1, "none", tmp_path)
+    b.setup_models()
+    b.bench_rollout()
+    for path in ("generate", "generate_scored", "static", "loop", "loop_scored"):
+        assert b.out[f"rollout_hf_{path}_tok_s"] > 0, path
+    assert b.out["rollout_loop_speedup"] == pytest.approx(
+        b.out["rollout_hf_loop_scored_tok_s"] / b.out["rollout_hf_generate_scored_tok_s"], rel=1e-2)
+    assert b._rollout["tokens"] == sum(len(r) for r in b._rollout["responses"])
+
+
+def test_peer_pair_is_a_dense_student_and_a_moe_teacher_with_one_vocabulary(tmp_path):
+    from transformers import AutoConfig
+
+    from opd_lit import bench
+
+    size = bench.make_size("tiny", {"peer_vocab": "512", "peer_hidden": "32", "peer_layers": "1"})
+    student, teacher, note = bench.qwen3_pair(size, tmp_path)
+    s, t = AutoConfig.from_pretrained(student), AutoConfig.from_pretrained(teacher)
+    assert s.model_type == "qwen3" and t.model_type == "qwen3_moe"
+    assert s.vocab_size == t.vocab_size == 512 and t.num_experts == size.peer_experts
+    assert s.hidden_size == 32 and t.hidden_size == 64 and s.num_hidden_layers == 1
+    assert "Qwen3-MoE" in note
+    assert bench.qwen3_pair(size, tmp_path)[:2] == (student, teacher)  # built once
+
+
+def test_bench_peer_without_trl_reports_null_with_the_install_line(monkeypatch, tmp_path):
+    from opd_lit import bench
+
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
+    b = bench.Bench(bench.make_size("tiny", {}), [], 1, "trl", tmp_path)
+    b.out, b.notes = {}, []
+    b.bench_peer()
+    assert b.out["peer_step_ratio"] is None and b.out["peer_mem_ratio"] is None
+    assert any("pip install --no-deps trl" in n for n in b.notes)
+
+
 def test_fsdp_part_times_an_fsdp2_update(tmp_path):
     """The part `make gpu-check` runs for the 1.7B shape, on the toy student and the CPU."""
     proc = run_module("opd_lit.bench", "bench.parts=fsdp", "bench.reps=1", f"bench.out={tmp_path / 'b.json'}",

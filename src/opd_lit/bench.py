@@ -2,9 +2,12 @@
 
 Everything is measured in the same run, on the machine it runs on (``device`` says which):
 
-- rollout: tokens/s of the ``hf`` engine (transformers ``generate``) and of the ``vllm``
-  engine (in a subprocess, so vLLM's process-wide settings touch nothing else; ``null``
-  with a note when vLLM is not installed), their ratio, vLLM's start-up and weight-sync time;
+- rollout: tokens/s of the ``hf`` engine's paths, interleaved in one process: transformers
+  ``generate`` (alone, with the student scoring pass the step then needs, and with a static
+  KV cache) and the engine's own decoding loop (alone, and with the student's scores, the
+  default); and of the ``vllm`` engine (in a subprocess, so vLLM's process-wide settings touch
+  nothing else; ``null`` with a note when vLLM is not installed), their ratio, vLLM's
+  start-up and weight-sync time;
 - scoring (the teacher's pass, no gradients, top-K gather): full ``[B, T, V]`` float32 logits
   (:func:`~opd_lit.scoring.score_tokens_full`) against the chunked scorer
   (:func:`~opd_lit.scoring.score_tokens`), tokens/s and peak memory, and their ratios;
@@ -17,7 +20,10 @@ Everything is measured in the same run, on the machine it runs on (``device`` sa
   process: tokens/s, MFU and peak memory;
 - release rule: sentence segmentation + BIC release of one batch, ms and share of the step;
 - ``bench.peer=trl``: one training step of TRL's ``DistillationTrainer`` against one of
-  ``opd_lit`` (method ``opd``) on the same toy models, prompts, batch and response length.
+  ``opd_lit`` (method ``opd``) on the same models, prompts, batch and response length (by
+  default a random-init Qwen3 dense student and Qwen3-MoE teacher with the real 151,936-token
+  vocabulary, built here: :func:`qwen3_pair`), whole step and per stage, the working memory
+  (peak RSS minus the RSS of importing the entry point alone) and the import footprint.
 
 Peak memory. On a GPU: ``torch.cuda.max_memory_allocated()`` above what was allocated before
 the measured call. On the CPU: the process's peak resident set size (``VmHWM``, reset through
@@ -84,9 +90,13 @@ class Size:
     train_batch: int = 0
     model: str = "toy"  # toy | qwen3_1p7b
     # the peer comparison (bench.peer=trl)
-    peer_prompts: int = 8
-    peer_new_tokens: int = 48
-    peer_vocab: int = QWEN_VOCAB  # pad both toy models' vocabulary to this (0: the toy's own 128)
+    peer_model: str = "qwen3"  # qwen3: random Qwen3 dense student + Qwen3-MoE teacher | toy
+    peer_prompts: int = 4
+    peer_new_tokens: int = 64
+    peer_vocab: int = QWEN_VOCAB  # the pair's vocabulary (toy: pad the toy models to it; 0: the toy's 128)
+    peer_hidden: int = 64  # qwen3 pair: the student's hidden size (the teacher's is twice it)
+    peer_layers: int = 2
+    peer_experts: int = 8  # the MoE teacher's experts (2 active per token)
 
 
 SIZES = {
@@ -102,7 +112,7 @@ SIZES = {
         score_tokens=16384, loss_tokens=8192, score_chunk=4096,
         score_hidden=2048, score_layers=28, score_heads=16, score_kv_heads=8,
         score_intermediate=6144, dtype="bfloat16", train_seq=8192, train_batch=1,
-        model="qwen3_1p7b", peer_prompts=8, peer_new_tokens=256,
+        model="qwen3_1p7b", peer_prompts=8, peer_new_tokens=256, peer_hidden=1024, peer_layers=4,
     ),
 }
 
@@ -291,6 +301,52 @@ def widen_vocab(model_dir: str, vocab: int, workdir: Path) -> str:
     return str(out)
 
 
+def qwen3_pair(size: Size, workdir: Path) -> tuple[str, str, str]:
+    """``(student_dir, teacher_dir, note)``: a random-init Qwen3 dense student and a Qwen3-MoE
+    teacher (twice the hidden size, ``peer_experts`` experts, 2 active) with ``peer_vocab``
+    rows and the toy tokenizer (for the prompts and chat template). Random weights almost never
+    emit the end-of-turn token, so every response runs to the token budget on both sides."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
+
+    from opd_lit.models import end_of_turn_ids, load_tokenizer
+
+    toy_student, _, _ = toy_pair(workdir)
+    tok = load_tokenizer(toy_student)
+    eos = end_of_turn_ids(tok, toy_student)
+    vocab = max(size.peer_vocab, len(tok))
+    h, layers = size.peer_hidden, size.peer_layers
+    common = dict(vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=4096, pad_token_id=tok.pad_token_id, eos_token_id=eos[0])
+    shapes = {
+        "student": (Qwen3ForCausalLM, Qwen3Config(hidden_size=h, intermediate_size=3 * h, head_dim=max(16, h // 4),
+                                                  tie_word_embeddings=True, **common)),
+        "teacher": (Qwen3MoeForCausalLM, Qwen3MoeConfig(
+            hidden_size=2 * h, intermediate_size=6 * h, moe_intermediate_size=h, head_dim=max(16, h // 2),
+            num_experts=size.peer_experts, num_experts_per_tok=2, decoder_sparse_step=1,
+            tie_word_embeddings=False, **common)),
+    }
+    dirs = []
+    for role, (cls, cfg) in shapes.items():
+        out = workdir / f"qwen3_{role}_h{h}_l{layers}_v{vocab}"
+        if not (out / "config.json").is_file():
+            torch.manual_seed(0)
+            cls(cfg).save_pretrained(out)
+            tok.save_pretrained(out)
+            GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id).save_pretrained(out)
+        dirs.append(str(out))
+    note = (f"random-init Qwen3 dense student ({layers} layers x {h}, tied head) and Qwen3-MoE teacher "
+            f"({layers} layers x {2 * h}, {size.peer_experts} experts, 2 active), vocabulary {vocab}, "
+            "the toy tokenizer and prompts")
+    return dirs[0], dirs[1], note
+
+
 def toy_prompts(tokenizer, n: int) -> list[dict[str, Any]]:
     from opd_lit.models import render_prompt
     from opd_lit.toy import format_prompt, toy_train_problems
@@ -440,15 +496,37 @@ class _StepClock:
 
     def __init__(self, step: int):
         self.step, self.t_prev, self.seconds, self.mem = step, None, None, None
+        self.hwm_before: int | None = None
 
     def end_of(self, index: int) -> None:
         now = time.perf_counter()
         if index == self.step - 1:
             self.t_prev = now
+            self.hwm_before = _status_bytes("VmHWM")  # the process's peak so far (reset below)
             self.mem = PeakMemory().__enter__()
         elif index == self.step and self.t_prev is not None:
             self.mem.__exit__(None, None, None)
             self.seconds = now - self.t_prev
+
+    def peak_rss_mib(self) -> float | None:
+        """The process's peak resident set over its whole life (CPU; None on a GPU)."""
+        if self.mem is None or self.mem.cuda:
+            return None
+        peaks = [b for b in (self.hwm_before, _status_bytes("VmHWM")) if b is not None]
+        return round(max(peaks) / 2**20, 1) if peaks else None
+
+
+def _gpu_peak_mib() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+
+
+def worker_import_rss(a: dict[str, Any]) -> dict[str, Any]:
+    """RSS (MiB) of a fresh process after one import statement (the entry point's footprint)."""
+    t0 = time.perf_counter()
+    exec(a["statement"], {})  # noqa: S102 - a fixed statement of this module
+    return {"rss_mib": round(_status_bytes("VmRSS") / 2**20, 1), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def worker_peer_trl(a: dict[str, Any]) -> dict[str, Any]:
@@ -496,11 +574,27 @@ def worker_peer_trl(a: dict[str, Any]) -> dict[str, Any]:
             gen_time.append(time.perf_counter() - t0)
 
     trainer._generate = timed_generate
+    hidden = trainer._get_last_hidden_state
+    teacher_time = [0.0] * (a["steps"] + 1)  # per step: the teacher's backbone (no-grad calls)
+
+    def timed_hidden(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return hidden(*args, **kwargs)
+        finally:
+            if not torch.is_grad_enabled():
+                teacher_time[min(len(gen_time) - 1, a["steps"])] += time.perf_counter() - t0
+
+    trainer._get_last_hidden_state = timed_hidden
     trainer.train()
-    gen = gen_time[a["steps"] - 1] if len(gen_time) >= a["steps"] else None
-    return {"step_s": round(clock.seconds, 3), "peak_mib": clock.mem.mib,
-            "generate_s": None if gen is None else round(gen, 3),
-            "update_s": None if gen is None else round(clock.seconds - gen, 3)}
+    last = a["steps"] - 1
+    gen = gen_time[last] if len(gen_time) >= a["steps"] else None
+    teacher = teacher_time[last] if gen is not None else None
+    return {"step_s": round(clock.seconds, 3), "step_mib": clock.mem.mib, "peak_rss_mib": clock.peak_rss_mib(),
+            "gpu_peak_mib": _gpu_peak_mib(), "threads": torch.get_num_threads(),
+            "rollout_s": None if gen is None else round(gen, 3),
+            "teacher_s": None if teacher is None else round(teacher, 3),
+            "update_s": None if gen is None else round(clock.seconds - gen - teacher, 3)}
 
 
 def worker_peer_opd(a: dict[str, Any]) -> dict[str, Any]:
@@ -519,6 +613,10 @@ def worker_peer_opd(a: dict[str, Any]) -> dict[str, Any]:
         "eval.at_start=false", "eval.at_end=false", "eval.teacher_at_start=false",
         "export.final_model=false", f"output_dir={out}",
     ]
+    import torch
+
+    if torch.cuda.is_available():  # the same device as TRL's side
+        overrides += ["trainer=gpu"] + ([] if a["dtype"] == "bfloat16" else ["trainer.precision=32-true"])
     optional = ["diagnostics.enabled=false", "checkpoint.every_n_steps=0",
                 f"checkpoint.dir={out / 'ckpt'}", "resume=false"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -528,24 +626,30 @@ def worker_peer_opd(a: dict[str, Any]) -> dict[str, Any]:
     L.seed_everything(0, verbose=False)
     datamodule, module, trainer = build(cfg, out)
     clock = _StepClock(a["steps"] - 1)
-    rollout_s: list[float] = []
+
+    stages: list[dict[str, float]] = []
 
     class Clock(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            rollout_s.append(float(trainer.callback_metrics.get("time/rollout_s", 0.0)))
+            m = trainer.callback_metrics
+            stages.append({k: float(m.get(f"time/{k}_s", 0.0)) for k in ("rollout", "student_score", "teacher")})
             clock.end_of(batch_idx)
 
     trainer.callbacks.append(Clock())
     trainer.fit(module, datamodule=datamodule)
-    gen = rollout_s[a["steps"] - 1]
-    return {"step_s": round(clock.seconds, 3), "peak_mib": clock.mem.mib,
-            "rollout_s": round(gen, 3), "update_s": round(clock.seconds - gen, 3)}
+    st = stages[a["steps"] - 1]
+    rollout = st["rollout"] + st["student_score"]  # samples with the student's scores ready
+    return {"step_s": round(clock.seconds, 3), "step_mib": clock.mem.mib, "peak_rss_mib": clock.peak_rss_mib(),
+            "gpu_peak_mib": _gpu_peak_mib(), "threads": torch.get_num_threads(),
+            "rollout_s": round(rollout, 3), "student_score_s": round(st["student_score"], 3),
+            "teacher_s": round(st["teacher"], 3),
+            "update_s": round(clock.seconds - rollout - st["teacher"], 3)}
 
 
 WORKERS = {
     "score_time": worker_score_time, "score_mem": worker_score_mem,
     "vllm_rollout": worker_vllm_rollout,
-    "peer_trl": worker_peer_trl, "peer_opd": worker_peer_opd,
+    "peer_trl": worker_peer_trl, "peer_opd": worker_peer_opd, "import_rss": worker_import_rss,
 }
 
 
@@ -595,23 +699,88 @@ class Bench:
 
     # ---- rollout ---------------------------------------------------------------------------
     def bench_rollout(self) -> None:
+        """The hf engine's ways to sample, interleaved in one process (best of bench.reps each):
+        ``generate`` (transformers generate, tokens only), ``generate_scored`` (that plus the
+        student scoring pass the step then needs: log-probs, top-K, entropy), ``static``
+        (generate with a static KV cache), ``loop`` (the own decoding loop, tokens only) and
+        ``loop_scored`` (the loop with the scores, what the step runs by default)."""
+        import torch
+
+        from opd_lit.batch import left_pad, right_pad
         from opd_lit.rollout import HFEngine, SamplingParams
+        from opd_lit.scoring import score_tokens
 
         s = self.size
-        engine = HFEngine(self.student, pad_id=self._pad_id(), eos_ids=self.eos_ids, batch_size=s.rollout_prompts)
-        params = SamplingParams(max_new_tokens=s.rollout_new_tokens)
-        engine.generate(self.prompts[:4], 1, SamplingParams(max_new_tokens=8))  # warm-up
-        best, gen = math.inf, None
-        for _ in range(self.reps):
-            t, g = _timed(lambda: engine.generate(self.prompts, 1, params), 1)
-            if t < best:
-                best, gen = t, g
-        tokens = sum(len(r) for r in gen.response_ids)
-        self._rollout = {"gen": gen, "seconds": best, "tokens": tokens}
-        self.out["rollout_hf_tok_s"] = round(tokens / best, 1)
+        pad = self._pad_id()
+        engines = {d: HFEngine(self.student, pad_id=pad, eos_ids=self.eos_ids, batch_size=s.rollout_prompts,
+                               decoder=d) for d in ("generate", "loop")}
+        plain = SamplingParams(max_new_tokens=s.rollout_new_tokens)
+        scored = SamplingParams(max_new_tokens=s.rollout_new_tokens, logprobs=s.topk, entropy=True)
+        p_ids, p_mask = left_pad(self.prompts, pad)
+        dev = next(self.student.parameters()).device
+
+        def generate_scored():
+            gen = engines["generate"].generate(self.prompts, 1, plain)
+            r_ids, r_mask = right_pad(gen.response_ids, pad)
+            with torch.no_grad():
+                score_tokens(self.student, torch.cat([p_ids, r_ids], 1).to(dev),
+                             torch.cat([p_mask, r_mask.long()], 1).to(dev), r_ids.to(dev), r_mask.to(dev),
+                             topk=s.topk, entropy=True, chunk_size=s.score_chunk)
+            return gen
+
+        def static():
+            ids, mask = p_ids.to(dev), p_mask.to(dev)
+            with torch.no_grad():
+                out = self.student.eval().generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=s.rollout_new_tokens, do_sample=True,
+                    top_k=0, top_p=1.0, temperature=1.0, pad_token_id=pad, eos_token_id=self.eos_ids,
+                    cache_implementation="static")
+            return [engines["generate"]._strip(r) for r in out[:, ids.shape[1]:].tolist()]
+
+        variants = {
+            "generate": lambda: engines["generate"].generate(self.prompts, 1, plain).response_ids,
+            "generate_scored": lambda: generate_scored().response_ids,
+            "static": static,
+            "loop": lambda: engines["loop"].generate(self.prompts, 1, plain).response_ids,
+            "loop_scored": lambda: engines["loop"].generate(self.prompts, 1, scored).response_ids,
+        }
+        for e in engines.values():
+            e.generate(self.prompts[:4], 1, SamplingParams(max_new_tokens=8))  # warm-up
+        best: dict[str, tuple[float, int]] = {}
+        for rep in range(max(1, self.reps)):
+            for name, fn in variants.items():
+                torch.manual_seed(rep)  # the same draws for every variant of a repetition
+                try:
+                    t, rows = _timed(fn, 1)
+                except Exception as e:  # noqa: BLE001 - e.g. no static cache for this model
+                    self.notes.append(f"rollout_hf_{name}_tok_s failed: {e!r}"[:400])
+                    variants[name] = None
+                    continue
+                tokens = sum(len(r) for r in rows)
+                if name not in best or t < best[name][0]:
+                    best[name] = (t, tokens)
+            variants = {k: v for k, v in variants.items() if v is not None}
+        for name in ("generate", "generate_scored", "static", "loop", "loop_scored"):
+            t, tokens = best.get(name, (None, None))
+            self.out[f"rollout_hf_{name}_tok_s"] = round(tokens / t, 1) if t else None
+        t, tokens = best["loop_scored"]
+        with torch.random.fork_rng():  # the batch the train / release parts reuse
+            torch.manual_seed(0)
+            rows = variants["loop_scored"]()
+        self._rollout = {"responses": rows, "seconds": t, "tokens": tokens}
+        self.out["rollout_hf_tok_s"] = self.out["rollout_hf_loop_scored_tok_s"]
         self.out["rollout_tokens"] = tokens
+        self.out["rollout_loop_speedup"] = _ratio(self.out["rollout_hf_loop_scored_tok_s"],
+                                                  self.out["rollout_hf_generate_scored_tok_s"])
+        self.notes.append(
+            "rollout_hf_*: one process, interleaved (generate, generate_scored, static, loop, "
+            "loop_scored) bench.reps times, best of each, the same seed per repetition. *_scored "
+            "include the student's log-probs, top-K and entropy (generate: a second student pass; "
+            "loop: from the decoding itself). rollout_hf_tok_s is loop_scored (the default); "
+            "rollout_loop_speedup = loop_scored / generate_scored."
+        )
         if self.cuda and s.model != "toy":
-            self._rollout_hf_static(params)
+            self._rollout_hf_static(plain)
         vllm = None
         if importlib.util.find_spec("vllm") is None:
             self.notes.append("rollout_vllm_tok_s: vLLM is not installed in this environment "
@@ -636,8 +805,8 @@ class Bench:
         if vllm:
             self.out["rollout_vllm_startup_s"] = vllm["startup_s"]
             self.out["rollout_vllm_sync_ms"] = vllm["sync_ms"]
-            self.notes.append("rollout_vllm_tok_s includes the top-K log-probs the hf path computes "
-                              "in a separate student scoring pass (not counted in rollout_hf_tok_s)")
+            self.notes.append("rollout_vllm_tok_s and the hf figure beside it (the loop decoder) both "
+                              "include the sampled tokens' log-probs and the top-K ids")
 
     def _rollout_hf_static(self, params) -> None:
         """GPU only: transformers ``generate`` with a static KV cache and compiled decoding."""
@@ -720,11 +889,12 @@ class Bench:
                 from opd_lit.rollout import HFEngine, SamplingParams
 
                 eng = HFEngine(self.student, pad_id=self._pad_id(), eos_ids=self.eos_ids)
+                params = SamplingParams(max_new_tokens=s.rollout_new_tokens, logprobs=s.topk, entropy=True)
                 t0 = time.perf_counter()
-                gen = eng.generate(self.prompts, 1, SamplingParams(max_new_tokens=s.rollout_new_tokens))
-                self._rollout = {"gen": gen, "seconds": time.perf_counter() - t0,
+                gen = eng.generate(self.prompts, 1, params)  # with the student's scores, as the step
+                self._rollout = {"responses": gen.response_ids, "seconds": time.perf_counter() - t0,
                                  "tokens": sum(len(r) for r in gen.response_ids)}
-            responses = self._rollout["gen"].response_ids
+            responses = self._rollout["responses"]
             p, pm = left_pad(self.prompts, self._pad_id())
             tp, tpm = left_pad(self.teacher_prompts, self._pad_id())
         else:
@@ -917,8 +1087,8 @@ class Bench:
         if update_s is None:
             self.bench_train()
             update_s = self._update_s
-        rollout_s = self._rollout["seconds"]
-        step_s = rollout_s + student_s + teacher_s + update_s + cost
+        rollout_s = self._rollout["seconds"]  # the hf loop: samples and the student's scores
+        step_s = rollout_s + teacher_s + update_s + cost
         o = self.out
         o["release_ms"] = round(1000 * cost, 2)
         o["release_wait_ms"] = round(1000 * wait, 2)
@@ -927,15 +1097,17 @@ class Bench:
         o["release_step_share"] = round(cost / step_s, 4)
         o["release_serial_step_share"] = round(serial_s / (step_s - cost + serial_s), 4)
         o["step_breakdown_s"] = {
-            "rollout_hf": round(rollout_s, 3), "student_score": round(student_s, 3),
+            "rollout_hf_with_scores": round(rollout_s, 3), "student_score_pass_not_run": round(student_s, 3),
             "teacher_score": round(teacher_s, 3), "update": round(update_s, 3), "release": round(cost, 4),
         }
         self.notes.append(
             "release_ms = what the step pays for the release rule: the wait for the background "
             "sentence segmentation after the scoring passes + the batched BIC rule; "
             "release_serial_ms = segmentation + rule with nothing overlapped; "
-            "release_step_share = release_ms / (hf rollout + student scoring + teacher scoring "
-            "+ update + release_ms) of the same toy batch, each measured here"
+            "release_step_share = release_ms / (hf rollout with the student's scores (the loop "
+            "decoder) + teacher scoring + update + release_ms) of the same toy batch, each measured "
+            "here; step_breakdown_s.student_score_pass_not_run is what the second student pass "
+            "would cost (the generate decoder)"
         )
 
     def _release_synthetic(self) -> None:
@@ -985,61 +1157,82 @@ class Bench:
 
     # ---- the peer -------------------------------------------------------------------------
     def bench_peer(self) -> None:
-        """One training step of TRL's DistillationTrainer and of opd_lit, same everything."""
+        """One training step of TRL's DistillationTrainer and of opd_lit (method=opd), the same
+        models, prompts, batch and response budget; whole step and per stage; memory as the
+        working set (peak RSS minus the RSS of importing the entry point alone)."""
         s = self.size
         o = self.out
-        for key in ("peer_step_ratio", "peer_mem_ratio"):
+        for key in ("peer_step_ratio", "peer_mem_ratio", "peer_import_ratio"):
             o[key] = None
         if importlib.util.find_spec("trl") is None:
             self.notes.append(
-                "bench.peer=trl: TRL is not installed here. It installs beside these pins: "
-                "pip install trl==1.16.0 (pulls accelerate; needs transformers>=4.56.2, "
-                "datasets>=4.7)."
+                "bench.peer=trl: TRL is not installed here. It installs beside these pins without "
+                "changing torch or transformers: pip install --no-deps trl==1.16.0 accelerate==1.15.0 "
+                "(its other needs, datasets and transformers, are already here)."
             )
             return
-        if s.model != "toy":
-            self.notes.append("bench.peer=trl runs on the toy pair (bench.size=tiny) only")
-            return
-        student, teacher, note = toy_pair(self.workdir)
-        if s.peer_vocab:
-            student, teacher = (widen_vocab(p, s.peer_vocab, self.workdir) for p in (student, teacher))
-            note += f", vocabulary padded to {s.peer_vocab} (lm_head/embedding rows added, small random init)"
+        if s.peer_model == "qwen3":
+            student, teacher, note = qwen3_pair(s, self.workdir)
+        elif s.peer_model == "toy":
+            student, teacher, note = toy_pair(self.workdir)
+            if s.peer_vocab:
+                student, teacher = (widen_vocab(p, s.peer_vocab, self.workdir) for p in (student, teacher))
+                note += f", vocabulary padded to {s.peer_vocab} (lm_head/embedding rows added, small random init)"
+        else:
+            raise SystemExit(f"opd_lit.bench: bench.peer_model={s.peer_model!r} is not one of ['qwen3', 'toy']")
         args = {"student": student, "teacher": teacher, "prompts": s.peer_prompts,
                 "new_tokens": s.peer_new_tokens, "dtype": s.dtype, "steps": 3,
                 "workdir": str(self.workdir)}
+        entry = {"peer_trl": "from trl import DistillationTrainer", "peer_opd": "import opd_lit.train"}
         res: dict[str, dict[str, Any]] = {}
         for _ in range(max(1, self.reps)):  # alternate trl, opd, trl, opd: best of each
             for name in ("peer_trl", "peer_opd"):
                 try:
                     r = _run_worker(name, args)
+                    r["import_mib"] = _run_worker("import_rss", {"statement": entry[name]})["rss_mib"]
                 except Exception as e:  # noqa: BLE001
                     self.notes.append(f"{name}: failed: {str(e)[-800:]}")
                     continue
                 best = res.setdefault(name, dict(r))
                 for key, value in r.items():
-                    if value is not None and (best.get(key) is None or value < best[key]):
+                    if isinstance(value, (int, float)) and (best.get(key) is None or value < best[key]):
                         best[key] = value
+        with contextlib.suppress(Exception):
+            o["peer_trl_import_lazy_mib"] = _run_worker("import_rss", {"statement": "import trl"})["rss_mib"]
         trl, opd = res.get("peer_trl"), res.get("peer_opd")
-        if trl:
-            o["peer_trl_step_s"], o["peer_trl_peak_mib"] = trl["step_s"], trl["peak_mib"]
-            o["peer_trl_generate_s"] = trl.get("generate_s")
+        for side, r in (("trl", trl), ("opd", opd)):
+            if not r:
+                continue
+            for key in ("step_s", "rollout_s", "teacher_s", "update_s", "step_mib", "peak_rss_mib",
+                        "import_mib", "gpu_peak_mib", "threads"):
+                o[f"peer_{side}_{key}"] = r.get(key)
+            if r.get("peak_rss_mib") is not None:
+                o[f"peer_{side}_working_mib"] = round(r["peak_rss_mib"] - r["import_mib"], 1)
         if opd:
-            o["peer_opd_step_s"], o["peer_opd_peak_mib"] = opd["step_s"], opd["peak_mib"]
-            o["peer_opd_rollout_s"] = opd.get("rollout_s")
+            o["peer_opd_student_score_s"] = opd.get("student_score_s")
         if trl and opd:
             o["peer_step_ratio"] = _ratio(opd["step_s"], trl["step_s"])
-            o["peer_mem_ratio"] = _ratio(opd["peak_mib"], trl["peak_mib"])
-            if trl.get("update_s") is not None and opd.get("update_s") is not None:
-                o["peer_trl_update_s"], o["peer_opd_update_s"] = trl["update_s"], opd["update_s"]
-                o["peer_update_ratio"] = _ratio(opd["update_s"], trl["update_s"])
+            for stage in ("rollout", "teacher", "update"):
+                o[f"peer_{stage}_ratio"] = _ratio(opd.get(f"{stage}_s"), trl.get(f"{stage}_s"))
+            o["peer_mem_ratio"] = _ratio(o.get("peer_opd_working_mib"), o.get("peer_trl_working_mib"))
+            if o["peer_mem_ratio"] is None:  # a GPU: the allocator's peaks
+                o["peer_mem_ratio"] = _ratio(opd.get("gpu_peak_mib"), trl.get("gpu_peak_mib"))
+            o["peer_step_mem_ratio"] = _ratio(opd.get("step_mib"), trl.get("step_mib"))
+            o["peer_import_ratio"] = _ratio(opd.get("import_mib"), trl.get("import_mib"))
         self.notes.append(
             f"peer (bench.peer=trl): {note}; {s.peer_prompts} prompts x 1 sample, at most "
-            f"{s.peer_new_tokens} new tokens, hf generate on both sides; the 3rd training step "
-            "of each is timed (end of step 2 to end of step 3), peak memory over it; the two run "
-            "alternately bench.reps times, best of each. Ratios are opd_lit / TRL (< 1: opd_lit "
-            "is faster / leaner); peer_update_ratio leaves generation (the same hf generate on "
-            "both sides) out. opd_lit runs method=opd with release.diagnose=false, no eval, no "
-            "checkpoints."
+            f"{s.peer_new_tokens} new tokens, {s.dtype}; each side in its own process, the 3rd "
+            "training step timed (end of step 2 to end of step 3); the two run alternately "
+            "bench.reps times, best of each. Stages: rollout = sampling with the student's scores "
+            "ready (TRL: its generate; opd_lit: rollout + student_score), teacher = the teacher's "
+            "forward, update = the rest of the step (student forward/backward, loss, optimizer, "
+            "bookkeeping). Memory: *_working_mib = peak RSS of the whole run minus the RSS of a "
+            "fresh process after importing the entry point alone (*_import_mib: `from trl import "
+            "DistillationTrainer`, `import opd_lit.train`; `import trl` alone is a lazy module: "
+            "peer_trl_import_lazy_mib); *_step_mib = peak RSS over step 3 above RSS before it. "
+            "Ratios are opd_lit / TRL (< 1: opd_lit is faster / leaner); peer_mem_ratio is of the "
+            "working sets (on a GPU: of torch.cuda.max_memory_allocated). opd_lit runs method=opd "
+            "with release.diagnose=false, no eval, no checkpoints; threads as OMP_NUM_THREADS."
         )
 
     # ---- all --------------------------------------------------------------------------------

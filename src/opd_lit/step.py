@@ -197,8 +197,10 @@ def sample_rollouts(parts: StepParts, records: list[dict[str, Any]], max_new_tok
     n = dm.spec.samples_per_prompt
     pad_id = dm.student_tokenizer.pad_token_id
     params = dm.sampling_params(max_new_tokens=max_new_tokens)
-    params.logprobs = needs.topk  # engines that can return them spare the scoring pass
-    gen = parts.engine.generate([r["prompt_ids"] for r in records], n, params)
+    # engines that return the student's scores with the samples spare the scoring pass
+    params.logprobs, params.entropy = needs.topk, needs.entropy
+    engine = parts.engine
+    gen = engine.generate([r["prompt_ids"] for r in records], n, params)
 
     rows = [r for r in records for _ in range(n)]
     prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], pad_id)
@@ -216,10 +218,13 @@ def sample_rollouts(parts: StepParts, records: list[dict[str, Any]], max_new_tok
         response_text=dm.student_tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True),
     )
     if gen.logprobs is not None:
-        batch.rollout_logprobs = right_pad_float(gen.logprobs, response_ids.shape)
-        batch.student_logprobs = batch.rollout_logprobs
+        batch.student_logprobs = right_pad_float(gen.logprobs, response_ids.shape)
+        if getattr(engine, "engine_copy", True):  # an engine's own weights: π_rollout, not π_θ
+            batch.rollout_logprobs = batch.student_logprobs
     if needs.topk and gen.topk_ids is not None:
         batch.student_topk_ids = pad_topk(gen.topk_ids, response_ids.shape, needs.topk)
+    if needs.entropy and gen.entropy is not None:
+        batch.student_entropy = right_pad_float(gen.entropy, response_ids.shape)
     return batch
 
 
@@ -246,21 +251,22 @@ def start_segments(parts: StepParts, batch: RolloutBatch) -> Future:
 @torch.no_grad()
 def score_student(student: torch.nn.Module, batch: RolloutBatch, needs: Needs, chunk_size: int) -> None:
     """Fill ``student_logprobs``, ``student_topk_ids`` and ``student_entropy`` that the engine
-    did not return, in one no-grad pass of the student (skipped when nothing is missing)."""
+    did not return, in one no-grad pass of the student (skipped when nothing is missing: the
+    hf loop and vLLM return all three with the samples)."""
     want_topk = needs.topk if batch.student_topk_ids is None else 0
-    missing = batch.student_logprobs is None or want_topk or needs.entropy
-    if not missing:
+    want_entropy = needs.entropy and batch.student_entropy is None
+    if batch.student_logprobs is not None and not want_topk and not want_entropy:
         return
     ids, mask = batch.student_inputs()
     scores = parallel.forward_call(
         student, score_tokens, ids, mask, batch.response_ids, batch.response_mask,
-        topk=want_topk, entropy=needs.entropy, chunk_size=chunk_size,
+        topk=want_topk, entropy=want_entropy, chunk_size=chunk_size,
     )
     if batch.student_logprobs is None:
         batch.student_logprobs = scores.logprobs
     if want_topk:
         batch.student_topk_ids = scores.topk_ids
-    if needs.entropy:
+    if want_entropy:
         batch.student_entropy = scores.entropy
 
 

@@ -20,6 +20,7 @@ class SamplingParams:
     # the student's top-K candidate ids at each position. Always of the raw model
     # distribution (temperature 1), whatever the sampling temperature.
     logprobs: int | None = None
+    entropy: bool = False  # also the entropy of the raw distribution at each position (hf loop)
 
 
 @dataclass
@@ -27,14 +28,16 @@ class Generation:
     """Sampled responses, one row per (prompt, sample), prompts in order, samples adjacent."""
 
     response_ids: list[list[int]]  # sampled tokens incl. the end-of-turn token when emitted
-    # Optional: engines that compute them while sampling (vLLM) fill these; otherwise the
-    # DataModule scores the responses with the student (one no-grad forward).
+    # Optional: engines that compute them while sampling (vLLM, the hf loop) fill these;
+    # what is missing the step scores with the student (one no-grad forward).
     logprobs: list[list[float]] | None = None
     topk_ids: list[list[list[int]]] | None = None
+    entropy: list[list[float]] | None = None
 
 
 class RolloutEngine(Protocol):
     name: str
+    engine_copy: bool  # samples from its own copy of the weights (vLLM), not the trained module
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> Generation:
         """Sample ``n`` responses for each tokenised prompt."""

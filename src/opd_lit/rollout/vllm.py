@@ -103,6 +103,7 @@ class VLLMEngine:
     """vLLM rollouts with in-place weight sync. Options are the ``rollout.engine_options``."""
 
     name = "vllm"
+    engine_copy = True  # its own copy of the weights: log-probs are π_rollout's (rollout_logprobs)
 
     def __init__(
         self,
