@@ -96,7 +96,6 @@ CASES = [
     ("betas", {"optim.betas": [0.9, 1.0]}, "optim.betas"),
     ("betas", {"optim.betas": [0.9]}, "optim.betas"),
     ("eps", {"optim.eps": 0.0}, "optim.eps"),
-    ("warmup_steps", {"optim.warmup_steps": 2}, "optim.warmup_steps"),  # max_steps is 2
     ("warmup_steps", {"optim.warmup_steps": -1}, "optim.warmup_steps"),
     ("schedule", {"optim.schedule": "linear"}, "optim.schedule"),
     ("min_lr_ratio", {"optim.min_lr_ratio": 1.5}, "optim.min_lr_ratio"),
