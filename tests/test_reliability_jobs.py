@@ -139,7 +139,7 @@ def test_a_changed_config_in_a_used_checkpoint_dir_is_refused_naming_the_keys(tm
         train.run(cfg_b)
     msg = str(err.value)
     assert f"holds the state of another job, {key_a} (checkpoint at step 3, MLflow run {run_a})" in msg
-    assert "seed: 0 -> 1" in msg and "optim.lr: 0.0001 -> 0.0002" in msg and "Nothing was changed" in msg
+    assert "seed: 0 -> 1" in msg and "optim.lr: 0.0003 -> 0.0002" in msg and "Nothing was changed" in msg
     assert {p.name: p.read_bytes() for p in ck.iterdir()} == files  # nothing moved or rewritten
     assert not list(tmp_path.glob("ck.orphan-*"))
     assert client_of(tmp_path).get_run(run_a).info.status == "RUNNING"  # not marked FAILED by B

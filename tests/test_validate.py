@@ -106,8 +106,8 @@ CASES = [
     ("devices", {"trainer.devices": "two"}, "trainer.devices"),
     ("batch_divisible", {"trainer.devices": 3}, "rollout.prompts_per_step"),  # 8 x 1 over 3
     ("batch_divisible", {"trainer.devices": 2, "trainer.num_nodes": 3}, "rollout.prompts_per_step"),
-    ("prefix_len", {"method.prefix_len": 500}, "method.prefix_len"),  # max_new_tokens is 96
-    ("prefix_len", {"method.start_len": 97}, "method.start_len"),
+    ("prefix_len", {"method.prefix_len": 500}, "method.prefix_len"),  # max_new_tokens is 128
+    ("prefix_len", {"method.start_len": 129}, "method.start_len"),
     ("method_class", {"method._target_": "opd_lit.methods.NoSuchMethod"}, "method._target_"),
     ("model_paths", {"student.path": "/no/such/model"}, "student.path"),
     ("model_paths", {"teacher.path": "toy:teach"}, "teacher.path"),
