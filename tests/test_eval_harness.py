@@ -41,6 +41,7 @@ class ScriptedEngine:
     """Answers with ``respond(prompt_text, j)``; records the calls."""
 
     name = "scripted"
+    engine_copy = False
 
     def __init__(self, respond, max_len: int | None = None):
         self.respond, self.max_len, self.calls = respond, max_len, []

@@ -439,3 +439,20 @@ def test_grade_math_off_main_thread():
     t.start()
     t.join()
     assert result == [True]
+
+
+def test_training_and_eval_prompts_follow_data_check_wording():
+    """data.check_wording reaches the training prompts and, through eval.toy.check_wording,
+    the evaluation prompts; an unknown wording is refused by name."""
+    from opd_lit.data.prompts import toy_records
+    from opd_lit.eval.benchmarks import TASKS, BenchmarkSpec, load_problems
+
+    for wording in T.WORDINGS:
+        rec = toy_records(2, wording)[0]
+        assert rec["messages"][0]["content"].endswith(T.INSTRUCTIONS[wording])
+        spec = BenchmarkSpec.from_dict("toy", {"task": "toy", "grader": "math", "check_wording": wording})
+        problem = load_problems(spec, limit=1)[0]
+        msgs = TASKS["toy"].messages(problem, spec, 0)
+        assert msgs[-1]["content"].endswith(T.INSTRUCTIONS[wording])
+    with pytest.raises(ValueError, match="check_wording"):
+        BenchmarkSpec.from_dict("toy", {"task": "toy", "grader": "math", "check_wording": "loose"})

@@ -199,8 +199,7 @@ def sample_rollouts(parts: StepParts, records: list[dict[str, Any]], max_new_tok
     params = dm.sampling_params(max_new_tokens=max_new_tokens)
     # engines that return the student's scores with the samples spare the scoring pass
     params.logprobs, params.entropy = needs.topk, needs.entropy
-    engine = parts.engine
-    gen = engine.generate([r["prompt_ids"] for r in records], n, params)
+    gen = parts.engine.generate([r["prompt_ids"] for r in records], n, params)
 
     rows = [r for r in records for _ in range(n)]
     prompt_ids, prompt_mask = left_pad([r["prompt_ids"] for r in rows], pad_id)
@@ -219,7 +218,7 @@ def sample_rollouts(parts: StepParts, records: list[dict[str, Any]], max_new_tok
     )
     if gen.logprobs is not None:
         batch.student_logprobs = right_pad_float(gen.logprobs, response_ids.shape)
-        if getattr(engine, "engine_copy", True):  # an engine's own weights: π_rollout, not π_θ
+        if parts.engine.engine_copy:  # an engine's own weights: π_rollout, not π_θ
             batch.rollout_logprobs = batch.student_logprobs
     if needs.topk and gen.topk_ids is not None:
         batch.student_topk_ids = pad_topk(gen.topk_ids, response_ids.shape, needs.topk)

@@ -151,8 +151,10 @@ class BenchmarkSpec:
                 raise ValueError(f"{where}.fields.{role} is required (the column holding {task.fields[role][1]})")
         if self.samples < 1:
             raise ValueError(f"{where}.samples={self.samples}: must be >= 1")
-        if self.check_wording not in ("free", "fixed"):
-            raise ValueError(f"{where}.check_wording={self.check_wording!r} is not one of ['free', 'fixed']")
+        from opd_lit.toy.task import WORDINGS
+
+        if self.check_wording not in WORDINGS:
+            raise ValueError(f"{where}.check_wording={self.check_wording!r} is not one of {list(WORDINGS)}")
         if self.max_new_tokens < 1:
             raise ValueError(f"{where}.max_new_tokens={self.max_new_tokens}: must be >= 1")
         if self.max_problems is not None and self.max_problems < 1:
